@@ -1,0 +1,1 @@
+"""Training, evaluation and ONNX export of the variational auto-encoder (needs torch)."""

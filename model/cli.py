@@ -1,0 +1,236 @@
+"""`vae train | export | evaluate`: the torch side of the command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from model import data as data_mod
+from model.config import VAEConfig
+from model.evaluate import evaluate
+from model.export import export_bundle
+from model.train import TrainConfig, model_from_checkpoint, pick_device, train
+
+log = logging.getLogger("vae")
+
+
+def _ints(s: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in s.split(",") if v.strip())
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from e
+
+
+def _size(s: str) -> tuple[int, int]:
+    v = _ints(s.replace("x", ","))
+    if len(v) != 2:
+        raise argparse.ArgumentTypeError(f"expected HxW, got {s!r}")
+    return (v[0], v[1])
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+
+
+def _train_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "train", help="train a VAE", formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument("--config", type=Path, help="JSON file of flag values (keys as flag dests)")
+    p.add_argument("--data", default="mnist",
+                   help="directory of IDX files or images; 'digits'; or 'mnist'/'fashion-mnist' "
+                        "to download")
+    p.add_argument("--out", default="runs/vae", help="output directory for checkpoints and curves")
+    p.add_argument("--classes", type=_ints, help="train on these labels only, e.g. 3 or 1,7")
+    p.add_argument("--image-size", type=_size, help="resize folder images to HxW")
+    p.add_argument("--channels", type=int, default=1)
+    p.add_argument("--height", type=int, default=28)
+    p.add_argument("--width", type=int, default=28)
+    p.add_argument("--latent-dim", type=int, default=32)
+    p.add_argument("--architecture", choices=["conv", "mlp"], default="conv")
+    p.add_argument("--conv-channels", type=_ints, default=(32, 64))
+    p.add_argument("--hidden-dims", type=_ints, default=(512,))
+    p.add_argument("--likelihood", choices=["bernoulli", "gaussian"], default="bernoulli")
+    p.add_argument("--sigma", type=float, default=0.1, help="Gaussian sigma (initial if learned)")
+    p.add_argument("--learn-sigma", action="store_true")
+    p.add_argument("--val-size", type=float, default=5000,
+                   help="validation images: a count, or a fraction when < 1")
+    p.add_argument("--binarize", choices=["dynamic", "none"], default="dynamic")
+    p.add_argument("--epochs", type=int, default=50)
+    p.add_argument("--batch-size", type=int, default=128, help="global batch size")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr-schedule", choices=["cosine", "constant"], default="cosine")
+    p.add_argument("--min-lr", type=float, default=1e-5)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--kl-warmup-epochs", type=int, default=0)
+    p.add_argument("--objective", choices=["elbo", "iwae"], default="elbo")
+    p.add_argument("--iwae-k", type=int, default=5)
+    p.add_argument("--patience", type=int, default=0, help="early stopping; 0 = off")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--threads", type=int, default=0, help="torch threads; 0 = torch's default")
+    p.add_argument("--resume", help="checkpoint to resume from")
+    _common(p)
+
+
+def _export_parser(sub: Any) -> None:
+    p = sub.add_parser("export", help="export a checkpoint as an ONNX bundle",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("checkpoint", type=Path)
+    p.add_argument("--out", type=Path, required=True, help="bundle directory to write")
+    p.add_argument("--name", default="vae")
+    p.add_argument("--version", help="bundle version (default: a timestamp)")
+    p.add_argument("--data", help="data for calibration and metrics (default: the training data)")
+    p.add_argument("--calibration-k", type=int, default=64, help="k for the -IWAE score table")
+    p.add_argument("--eval-k", type=int, default=0,
+                   help="also measure test IWAE NLL with this k and store it (0 = skip)")
+    p.add_argument("--eval-images", type=int, default=0, help="test images to evaluate; 0 = all")
+    p.add_argument("--metrics", type=Path, help="JSON file of metrics to store (from evaluate)")
+    p.add_argument("--overwrite", action="store_true")
+    _common(p)
+
+
+def _evaluate_parser(sub: Any) -> None:
+    p = sub.add_parser("evaluate", help="test ELBO and IWAE log-likelihood",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("checkpoint", type=Path)
+    p.add_argument("--data", help="test data (default: the training data's test split)")
+    p.add_argument("--k", type=int, default=1000, help="IWAE samples per image")
+    p.add_argument("--images", type=int, default=0, help="evaluate the first N test images; 0 = all")
+    p.add_argument("--binarize", choices=["dynamic", "none"], default="dynamic")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--out", type=Path, help="write the metrics as JSON here")
+    _common(p)
+
+
+def _data_source(ckpt: dict[str, Any], override: str | None) -> str:
+    if override:
+        return override
+    src = str(ckpt["train"]["data"])
+    return src
+
+
+def _test_images(source: str, cfg: VAEConfig, ckpt: dict[str, Any], limit: int) -> torch.Tensor:
+    try:
+        ds = data_mod.load(source, "test", cfg.channels)
+    except (data_mod.DataError, KeyError):
+        raise
+    classes = ckpt["train"].get("classes")
+    x = ds.images if not classes else data_mod.filter_classes(ds, classes).images
+    return x[:limit] if limit else x
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    cfg = VAEConfig(
+        channels=args.channels, height=args.height, width=args.width,
+        latent_dim=args.latent_dim, architecture=args.architecture,
+        conv_channels=tuple(args.conv_channels), hidden_dims=tuple(args.hidden_dims),
+        likelihood=args.likelihood, sigma=args.sigma, learn_sigma=args.learn_sigma,
+    )
+    names = {f.name for f in fields(TrainConfig)} - {"extra"}
+    kw = {k: v for k, v in vars(args).items() if k in names}
+    kw["classes"] = list(args.classes) if args.classes else None
+    tc = TrainConfig(**kw)
+    summary = train(cfg, tc)
+    log.info("done: %s", json.dumps(summary))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    model, ckpt = model_from_checkpoint(args.checkpoint)
+    cfg = model.cfg
+    source = _data_source(ckpt, args.data)
+    full = data_mod.load(source, "train", cfg.channels)
+    classes = ckpt["train"].get("classes")
+    if classes:
+        full = data_mod.filter_classes(full, classes)
+    val_size = ckpt["train"]["val_size"]
+    _, val = data_mod.split_validation(
+        full, val_size if val_size < 1 else int(val_size), ckpt["train"]["seed"]
+    )
+    metrics: dict[str, Any] = {"best_val_elbo": ckpt["best_val_elbo"]}
+    if args.metrics:
+        metrics.update(json.loads(args.metrics.read_text()))
+    if args.eval_k:
+        x = _test_images(source, cfg, ckpt, args.eval_images)
+        metrics.update(evaluate(model, x, k=args.eval_k, seed=args.seed))
+    training = {
+        "epochs": ckpt["epoch"],
+        "seed": ckpt["train"]["seed"],
+        "objective": ckpt["train"]["objective"],
+        "batch_size": ckpt["train"]["batch_size"],
+        "seconds": sum(h["seconds"] for h in ckpt["history"]),
+        "world_size": ckpt.get("world_size", 1),
+    }
+    export_bundle(
+        model, args.out, val.images, name=args.name, version=args.version,
+        data={**ckpt["data"], "source": source}, training=training, metrics=metrics,
+        calibration_description=f"validation split of {source}, raw intensities",
+        calibration_k=args.calibration_k, overwrite=args.overwrite,
+    )
+    print(args.out)
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    model, ckpt = model_from_checkpoint(args.checkpoint)
+    model.to(pick_device(args.device))
+    x = _test_images(_data_source(ckpt, args.data), model.cfg, ckpt, args.images)
+    res = evaluate(model, x, k=args.k, seed=args.seed, binarize=args.binarize == "dynamic")
+    text = json.dumps(res, indent=2)
+    if args.out:
+        args.out.write_text(text + "\n")
+    print(text)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vae", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _train_parser(sub)
+    _export_parser(sub)
+    _evaluate_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "train" and args.config:
+        try:
+            values = json.loads(args.config.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            parser.error(f"--config {args.config}: {e}")
+        sub = parser._subparsers._group_actions[0].choices["train"]  # type: ignore[union-attr]
+        dests = {a.dest for a in sub._actions}
+        unknown = set(values) - dests
+        if unknown:
+            parser.error(f"--config {args.config}: unknown keys {sorted(unknown)}")
+        sub.set_defaults(**values)
+        args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    for noisy in ("onnxscript", "onnx_ir", "matplotlib", "torch.onnx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return {"train": cmd_train, "export": cmd_export, "evaluate": cmd_evaluate}[
+            args.command
+        ](args)
+    except (data_mod.DataError, ValueError, FileNotFoundError, FileExistsError) as e:
+        log.error("%s", e)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,214 @@
+"""Export a trained VAE as a servable bundle: encoder.onnx, decoder.onnx and manifest.json.
+
+The bundle format is specified in docs/BUNDLE.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import hashlib
+import io
+import json
+import logging
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from model.networks import VAE
+from model.objective import elbo, iwae
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+PERCENTILES = [round(0.1 * i, 1) for i in range(1001)]  # 0, 0.1, ..., 100
+MAX_ABS_ERROR = 1e-4
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _export_onnx(
+    module: torch.nn.Module, example: torch.Tensor, path: Path, inp: str, outs: list[str]
+) -> None:
+    batch = torch.export.Dim("batch", min=1, max=1 << 20)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module,
+            (example,),
+            str(path),
+            input_names=[inp],
+            output_names=outs,
+            dynamic_shapes={"x" if inp == "x" else "z": {0: batch}},
+            dynamo=True,
+            external_data=False,  # one self-contained file per graph
+            opset_version=18,
+            verbose=False,
+        )
+
+
+class _DecoderOnly(torch.nn.Module):
+    def __init__(self, model: VAE) -> None:
+        super().__init__()
+        self.decoder = model.decoder
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.decoder(z)  # type: ignore[no-any-return]
+
+
+class _EncoderOnly(torch.nn.Module):
+    def __init__(self, model: VAE) -> None:
+        super().__init__()
+        self.encoder = model.encoder
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.encoder(x)  # type: ignore[no-any-return]
+
+
+@torch.no_grad()
+def check_onnx(model: VAE, directory: Path, batch: int = 7, seed: int = 0) -> float:
+    """Max abs difference between onnxruntime and PyTorch on random inputs; raises above 1e-4."""
+    import onnxruntime as ort
+
+    g = torch.Generator().manual_seed(seed)
+    cfg = model.cfg
+    x = torch.rand((batch, *cfg.image_shape), generator=g)
+    z = torch.randn((batch, cfg.latent_dim), generator=g)
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    enc = ort.InferenceSession(str(directory / "encoder.onnx"), opts, ["CPUExecutionProvider"])
+    dec = ort.InferenceSession(str(directory / "decoder.onnx"), opts, ["CPUExecutionProvider"])
+    mu, logvar = enc.run(["mu", "logvar"], {"x": x.numpy()})
+    (out,) = dec.run(None, {"z": z.numpy()})
+    t_mu, t_logvar = model.encode(x)
+    t_out = model.decode(z)
+    err = max(
+        float(np.abs(mu - t_mu.numpy()).max()),
+        float(np.abs(logvar - t_logvar.numpy()).max()),
+        float(np.abs(out - t_out.numpy()).max()),
+    )
+    if err > MAX_ABS_ERROR:
+        raise RuntimeError(f"ONNX export differs from PyTorch by {err:.2e} > {MAX_ABS_ERROR}")
+    return err
+
+
+@torch.no_grad()
+def anomaly_scores(
+    model: VAE, x: torch.Tensor, samples: int = 1, k: int = 64, seed: int = 0, batch: int = 500
+) -> dict[str, np.ndarray]:
+    """-ELBO (S samples) and -IWAE (k samples) per image on raw intensities, as the server scores."""
+    g = torch.Generator().manual_seed(seed)
+    cfg, sigma = model.cfg, model.log_sigma.exp()
+    neg_elbo, neg_iwae = [], []
+    for i in range(0, len(x), batch):
+        xb = x[i : i + batch]
+        mu, logvar = model.encode(xb)
+        eps = torch.randn((samples, *mu.shape), generator=g)
+        neg_elbo.append(-elbo(model.decode, xb, mu, logvar, eps, cfg.likelihood, sigma).elbo)
+        eps = torch.randn((k, *mu.shape), generator=g)
+        neg_iwae.append(-iwae(model.decode, xb, mu, logvar, eps, cfg.likelihood, sigma, chunk=16))
+    return {"neg_elbo": torch.cat(neg_elbo).numpy(), "neg_iwae": torch.cat(neg_iwae).numpy()}
+
+
+def calibrate(
+    model: VAE, x: torch.Tensor, description: str, samples: int = 1, k: int = 64, seed: int = 0
+) -> dict[str, Any]:
+    """Quantiles of each anomaly score on held-out normal images (docs/BUNDLE.md)."""
+    scores = anomaly_scores(model, x, samples=samples, k=k, seed=seed)
+
+    def table(s: np.ndarray) -> dict[str, Any]:
+        return {"percentiles": PERCENTILES, "values": np.percentile(s, PERCENTILES).tolist()}
+
+    return {
+        "data": description,
+        "images": len(x),
+        "default_score": "neg_elbo",
+        "threshold_percentile": 99.0,
+        "scores": {
+            "neg_elbo": {"samples": samples, "seed": seed, **table(scores["neg_elbo"])},
+            "neg_iwae": {"k": k, "seed": seed, **table(scores["neg_iwae"])},
+        },
+    }
+
+
+def export_bundle(
+    model: VAE,
+    out: Path,
+    calibration_images: torch.Tensor,
+    *,
+    name: str = "vae",
+    version: str | None = None,
+    data: dict[str, Any] | None = None,
+    training: dict[str, Any] | None = None,
+    metrics: dict[str, Any] | None = None,
+    calibration_description: str = "held-out validation images, raw intensities",
+    calibration_k: int = 64,
+    overwrite: bool = False,
+) -> Path:
+    """Write the bundle into a temporary sibling of `out` and rename it into place."""
+    model = model.cpu().eval()
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        cfg = model.cfg
+        _export_onnx(
+            _EncoderOnly(model), torch.rand(2, *cfg.image_shape), tmp / "encoder.onnx", "x",
+            ["mu", "logvar"],
+        )
+        output = "logits" if cfg.likelihood == "bernoulli" else "mean"
+        _export_onnx(
+            _DecoderOnly(model), torch.randn(2, cfg.latent_dim), tmp / "decoder.onnx", "z", [output]
+        )
+        err = check_onnx(model, tmp)
+        now = dt.datetime.now(dt.UTC)
+        manifest = {
+            "schema_version": SCHEMA_VERSION,
+            "name": name,
+            "version": version or now.strftime("%Y.%m.%d-%H%M%S"),
+            "created": now.isoformat(timespec="seconds"),
+            "image": {"channels": cfg.channels, "height": cfg.height, "width": cfg.width},
+            "latent_dim": cfg.latent_dim,
+            "likelihood": cfg.likelihood,
+            "sigma": model.sigma if cfg.likelihood == "gaussian" else None,
+            "decoder_output": output,
+            "architecture": cfg.architecture,
+            "config": cfg.to_dict(),
+            "data": data or {},
+            "training": training or {},
+            "metrics": {**(metrics or {}), "onnx_max_abs_error": err},
+            "files": {
+                f: {"sha256": sha256(tmp / f), "bytes": (tmp / f).stat().st_size}
+                for f in ("encoder.onnx", "decoder.onnx")
+            },
+            "calibration": calibrate(
+                model, calibration_images, calibration_description, k=calibration_k
+            ),
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("wrote bundle %s (ONNX max abs error %.1e)", out, err)
+    return out

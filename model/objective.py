@@ -1,0 +1,105 @@
+"""The ELBO and the importance-weighted bound as small pure functions, in nats per image.
+
+Doersch, "Tutorial on Variational Autoencoders" (arXiv 1606.05908), eq. 5 and 7; Burda, Grosse and
+Salakhutdinov, "Importance Weighted Autoencoders" (arXiv 1509.00519), eq. 8. The numpy twin in
+service/objective.py mirrors every function here; tests/test_objective_parity.py holds them equal.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+LOG_2PI = math.log(2 * math.pi)
+
+Decode = Callable[[torch.Tensor], torch.Tensor]
+
+
+class ElboTerms(NamedTuple):
+    reconstruction: torch.Tensor  # (B,) E_q[log P(X|z)], estimated with S samples
+    kl: torch.Tensor  # (B,) KL(Q(z|X) || P(z)), closed form
+    elbo: torch.Tensor  # (B,) reconstruction - kl
+
+
+def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu, diag exp(logvar)) || N(0, I)) per row; tutorial eq. 7."""
+    # 1/2 (tr(Sigma) + mu^T mu - k - log det Sigma)
+    return 0.5 * (logvar.exp() + mu.pow(2) - 1.0 - logvar).sum(dim=-1)
+
+
+def reparameterize(mu: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """z = mu + Sigma^(1/2) * eps; eps (S, B, D) broadcasts over mu, logvar (B, D)."""
+    return mu + (0.5 * logvar).exp() * eps
+
+
+def log_normal(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """log N(z | mu, diag exp(logvar)) summed over the last axis."""
+    return -0.5 * (LOG_2PI + logvar + (z - mu).pow(2) * (-logvar).exp()).sum(dim=-1)
+
+
+def log_likelihood(
+    x: torch.Tensor, out: torch.Tensor, likelihood: str, sigma: float | torch.Tensor = 1.0
+) -> torch.Tensor:
+    """log P(X|z) per image: x (..., C, H, W), out = decoder logits or mean of the same shape."""
+    if likelihood == "bernoulli":
+        # x in [0, 1] is the probability; x*logits - softplus(logits) = x log p + (1-x) log(1-p)
+        ll = x * out - F.softplus(out)
+    elif likelihood == "gaussian":
+        sigma_t = torch.as_tensor(sigma, dtype=out.dtype, device=out.device)
+        ll = -0.5 * ((x - out) / sigma_t).pow(2) - sigma_t.log() - 0.5 * LOG_2PI
+    else:
+        raise ValueError(f"unknown likelihood {likelihood!r}")
+    return ll.flatten(start_dim=-3).sum(dim=-1)
+
+
+def _decode_samples(
+    decode: Decode, x: torch.Tensor, z: torch.Tensor, likelihood: str, sigma: float | torch.Tensor
+) -> torch.Tensor:
+    S, B, D = z.shape
+    out = decode(z.reshape(S * B, D)).view(S, B, *x.shape[1:])  # (S, B, C, H, W)
+    return log_likelihood(x.unsqueeze(0), out, likelihood, sigma)  # (S, B)
+
+
+def elbo(
+    decode: Decode,
+    x: torch.Tensor,
+    mu: torch.Tensor,
+    logvar: torch.Tensor,
+    eps: torch.Tensor,
+    likelihood: str,
+    sigma: float | torch.Tensor = 1.0,
+) -> ElboTerms:
+    """ELBO = E_q[log P(X|z)] - KL(Q(z|X) || P(z)) with S = eps.shape[0] samples; tutorial eq. 5."""
+    z = reparameterize(mu, logvar, eps)  # (S, B, D)
+    reconstruction = _decode_samples(decode, x, z, likelihood, sigma).mean(dim=0)
+    kl = kl_divergence(mu, logvar)
+    return ElboTerms(reconstruction, kl, reconstruction - kl)
+
+
+def iwae(
+    decode: Decode,
+    x: torch.Tensor,
+    mu: torch.Tensor,
+    logvar: torch.Tensor,
+    eps: torch.Tensor,
+    likelihood: str,
+    sigma: float | torch.Tensor = 1.0,
+    chunk: int = 0,
+) -> torch.Tensor:
+    """log p(x) >= log mean_k P(x|z_k) P(z_k) / Q(z_k|x), k = eps.shape[0]; Burda et al. eq. 8.
+
+    chunk > 0 decodes that many samples at a time, to bound memory for k in the thousands.
+    """
+    K = eps.shape[0]
+    step = chunk if chunk > 0 else K
+    log_w = []
+    for i in range(0, K, step):
+        z = reparameterize(mu, logvar, eps[i : i + step])  # (k, B, D)
+        ll = _decode_samples(decode, x, z, likelihood, sigma)
+        zeros = torch.zeros_like(mu)
+        log_w.append(ll + log_normal(z, zeros, zeros) - log_normal(z, mu, logvar))  # (k, B)
+    return torch.logsumexp(torch.cat(log_w), dim=0) - math.log(K)  # (B,)

@@ -1,0 +1,322 @@
+"""Fit the VAE by maximising the ELBO (or the IWAE bound) with Adam; single process or torchrun."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm import tqdm
+
+from model import data as data_mod
+from model.config import VAEConfig
+from model.networks import VAE
+from model.objective import elbo, iwae
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    """Everything about one training run except the network's shape (that is VAEConfig)."""
+
+    data: str = "mnist"
+    out: str = "runs/vae"
+    classes: list[int] | None = None
+    image_size: tuple[int, int] | None = None
+    val_size: float = 5000  # a count (>= 1) or a fraction (< 1) of the training images
+    binarize: str = "dynamic"  # dynamic | none
+    epochs: int = 50
+    batch_size: int = 128  # global: split across processes under torchrun
+    lr: float = 1e-3
+    lr_schedule: str = "cosine"  # cosine | constant
+    min_lr: float = 1e-5
+    weight_decay: float = 0.0
+    kl_warmup_epochs: int = 0
+    objective: str = "elbo"  # elbo | iwae
+    iwae_k: int = 5
+    patience: int = 0  # early stopping after this many epochs without a better val ELBO; 0 = off
+    seed: int = 0
+    device: str = "auto"
+    threads: int = 0
+    resume: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.epochs <= 0:
+            raise ValueError(f"--epochs must be positive, got {self.epochs}")
+        if self.batch_size <= 0:
+            raise ValueError(f"--batch-size must be positive, got {self.batch_size}")
+        if self.lr <= 0:
+            raise ValueError(f"--lr must be positive, got {self.lr}")
+        if self.objective not in ("elbo", "iwae"):
+            raise ValueError(f"--objective must be elbo or iwae, got {self.objective!r}")
+        if self.iwae_k <= 0:
+            raise ValueError(f"--iwae-k must be positive, got {self.iwae_k}")
+        if self.binarize not in ("dynamic", "none"):
+            raise ValueError(f"--binarize must be dynamic or none, got {self.binarize!r}")
+        if self.lr_schedule not in ("cosine", "constant"):
+            raise ValueError(f"--lr-schedule must be cosine or constant, got {self.lr_schedule!r}")
+        if self.val_size <= 0:
+            raise ValueError(f"--val-size must be positive, got {self.val_size}")
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but torch sees no CUDA device")
+    return torch.device(name)
+
+
+def _save_atomic(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Load a checkpoint written by `train`, with a clear error when it is not one."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for a bad file
+        raise ValueError(f"{path} is not a readable checkpoint: {e}") from e
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
+        raise ValueError(f"{path} is not a checkpoint written by `vae train`")
+    return ckpt
+
+
+def model_from_checkpoint(path: Path) -> tuple[VAE, dict[str, Any]]:
+    ckpt = load_checkpoint(path)
+    model = VAE(VAEConfig.from_dict(ckpt["config"]))
+    model.load_state_dict(ckpt["model"])
+    model.eval()
+    return model, ckpt
+
+
+@torch.no_grad()
+def evaluate_elbo(
+    model: VAE, x: torch.Tensor, batch_size: int, seed: int, binarize: bool
+) -> dict[str, float]:
+    """Mean single-sample ELBO terms over x, with fixed-seed binarisation and eps."""
+    g = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    sums = {"elbo": 0.0, "reconstruction": 0.0, "kl": 0.0}
+    for i in range(0, len(x), batch_size):
+        xb = x[i : i + batch_size]
+        if binarize:
+            xb = data_mod.binarize(xb, g)
+        xb = xb.to(device)
+        mu, logvar = model.encode(xb)
+        eps = torch.randn((1, *mu.shape), generator=g).to(device)
+        terms = elbo(model.decode, xb, mu, logvar, eps, model.cfg.likelihood, model.log_sigma.exp())
+        for k in sums:
+            sums[k] += float(getattr(terms, k).sum())
+    return {k: v / len(x) for k, v in sums.items()}
+
+
+def _plot(history: list[dict[str, float]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ep = [h["epoch"] for h in history]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(ep, [h["train_elbo"] for h in history], label="train ELBO")
+    ax.plot(ep, [h["val_elbo"] for h in history], label="validation ELBO")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("nats per image")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _write_history(history: list[dict[str, float]], out: Path) -> None:
+    (out / "history.json").write_text(json.dumps(history, indent=1))
+    with open(out / "history.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(history[0]))
+        w.writeheader()
+        w.writerows(history)
+    _plot(history, out / "curves.png")
+
+
+def train(cfg: VAEConfig, tc: TrainConfig) -> dict[str, Any]:
+    """Train, saving checkpoint_last.pt and checkpoint_best.pt in tc.out; returns a summary."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    distributed = world > 1
+    device = pick_device(tc.device)
+    if distributed:
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if tc.threads > 0:
+        torch.set_num_threads(tc.threads)
+    if tc.batch_size % world:
+        raise ValueError(f"--batch-size {tc.batch_size} is not divisible by {world} processes")
+    torch.manual_seed(tc.seed)
+    out = Path(tc.out)
+
+    full = data_mod.load(tc.data, "train", cfg.channels, tc.image_size)
+    if tuple(full.images.shape[1:]) != cfg.image_shape:
+        raise ValueError(
+            f"data {tc.data} has images {tuple(full.images.shape[1:])} but the model expects "
+            f"{cfg.image_shape}: set --channels/--height/--width to match"
+        )
+    if tc.classes:
+        full = data_mod.filter_classes(full, tc.classes)
+    val_size: int | float = tc.val_size if tc.val_size < 1 else int(tc.val_size)
+    train_ds, val_ds = data_mod.split_validation(full, val_size, tc.seed)
+
+    model = VAE(cfg).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    steps_per_epoch = math.ceil(len(train_ds) / tc.batch_size)
+    total = tc.epochs * steps_per_epoch
+
+    def lr_at(step: int) -> float:
+        if tc.lr_schedule == "constant":
+            return 1.0
+        return (tc.min_lr + 0.5 * (tc.lr - tc.min_lr) * (1 + math.cos(math.pi * step / total))) / tc.lr
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    start_epoch, best, history, since_best = 1, -math.inf, [], 0
+    if tc.resume:
+        ckpt = load_checkpoint(Path(tc.resume))
+        if ckpt["config"] != cfg.to_dict():
+            raise ValueError(
+                f"--resume {tc.resume}: checkpoint was trained with a different architecture "
+                f"({ckpt['config']}) than the one asked for ({cfg.to_dict()})"
+            )
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        start_epoch, best = ckpt["epoch"] + 1, ckpt["best_val_elbo"]
+        history, since_best = ckpt["history"], ckpt.get("since_best", 0)
+        log.info("resumed from %s at epoch %d", tc.resume, start_epoch)
+
+    if rank == 0:  # only now that data, config and checkpoint are known to be good
+        out.mkdir(parents=True, exist_ok=True)
+    net: nn.Module = model
+    if distributed:
+        # DDP wraps forward(); route it to the encoder. The decoder's parameters get their
+        # gradients in the same backward pass, so DDP's hooks average those too.
+        model.forward = model.encode  # type: ignore[method-assign]
+        net = nn.parallel.DistributedDataParallel(model)
+
+    def objective(xb: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+        mu, logvar = net(xb) if distributed else model.encode(xb)
+        sigma = model.log_sigma.exp()
+        if tc.objective == "iwae":
+            eps = torch.randn((tc.iwae_k, *mu.shape), device=device)
+            bound = iwae(model.decode, xb, mu, logvar, eps, cfg.likelihood, sigma)
+            return -bound.mean(), bound.detach()
+        eps = torch.randn((1, *mu.shape), device=device)
+        t = elbo(model.decode, xb, mu, logvar, eps, cfg.likelihood, sigma)
+        return -(t.reconstruction - beta * t.kl).mean(), t.elbo.detach()
+
+    summary: dict[str, Any] = {}
+    t_start = time.time()
+    for epoch in range(start_epoch, tc.epochs + 1):
+        model.train()
+        beta = min(1.0, epoch / tc.kl_warmup_epochs) if tc.kl_warmup_epochs > 0 else 1.0
+        # every rank draws the same permutation and binarisation, then takes its slice of each
+        # global batch, so N processes see exactly what one process with the same batch sees.
+        g = torch.Generator().manual_seed(tc.seed * 100_003 + epoch)
+        perm = torch.randperm(len(train_ds), generator=g)
+        t0, n_seen, elbo_sum = time.time(), 0, 0.0
+        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}/{tc.epochs}", disable=rank != 0,
+                   leave=False, mininterval=1.0)
+        for step in bar:
+            idx = perm[step * tc.batch_size : (step + 1) * tc.batch_size]
+            xb = train_ds.images[idx]
+            if tc.binarize == "dynamic":
+                xb = data_mod.binarize(xb, g)
+            per = math.ceil(len(xb) / world)
+            xb = xb[rank * per : (rank + 1) * per].to(device)
+            loss, bound = objective(xb, beta)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            n_seen += len(xb)
+            elbo_sum += float(bound.sum())
+            if step % 20 == 0:
+                bar.set_postfix(loss=f"{float(loss.detach()):.2f}")
+        seconds = time.time() - t0
+        model.eval()
+        val = evaluate_elbo(model, val_ds.images, 1000, tc.seed, tc.binarize == "dynamic")
+        row = {
+            "epoch": epoch,
+            "train_elbo": elbo_sum / max(n_seen, 1),
+            "val_elbo": val["elbo"],
+            "val_reconstruction": val["reconstruction"],
+            "val_kl": val["kl"],
+            "lr": opt.param_groups[0]["lr"],
+            "beta": beta,
+            "seconds": seconds,
+            "images_per_s": n_seen * world / seconds,
+        }
+        history.append(row)
+        improved = val["elbo"] > best
+        if improved:
+            best, since_best = val["elbo"], 0
+        else:
+            since_best += 1
+        if rank == 0:
+            ckpt = {
+                "config": cfg.to_dict(),
+                "train": asdict(tc),
+                "model": model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(),
+                "epoch": epoch,
+                "best_val_elbo": best,
+                "since_best": since_best,
+                "history": history,
+                "data": {
+                    "source": full.source,
+                    "classes": tc.classes,
+                    "train_images": len(train_ds),
+                    "val_images": len(val_ds),
+                    "binarize": tc.binarize,
+                },
+                "world_size": world,
+            }
+            _save_atomic(ckpt, out / "checkpoint_last.pt")
+            if improved:
+                _save_atomic(ckpt, out / "checkpoint_best.pt")
+            _write_history(history, out)
+            log.info(
+                "epoch %d  train ELBO %.2f  val ELBO %.2f (rec %.2f, KL %.2f)  %.0f img/s%s",
+                epoch, row["train_elbo"], val["elbo"], val["reconstruction"], val["kl"],
+                row["images_per_s"], "  *best*" if improved else "",
+            )
+        if tc.patience and since_best >= tc.patience:
+            log.info("early stopping: no better validation ELBO for %d epochs", tc.patience)
+            break
+    summary = {
+        "best_val_elbo": best,
+        "epochs_run": len(history),
+        "seconds": time.time() - t_start,
+        "out": str(out),
+    }
+    if distributed:
+        dist.barrier()
+        dist.destroy_process_group()
+    return summary

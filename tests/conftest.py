@@ -1,0 +1,73 @@
+"""Shared fixtures: tiny real bundles (trained a few steps, exported to real ONNX) and MNIST."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+MNIST_DIR = REPO.parent / "shared" / "data" / "mnist"
+DEFAULT_BUNDLE = REPO / "models" / "mnist"
+
+
+def _tiny_bundle(out: Path, likelihood: str) -> Path:
+    import torch
+
+    from model.config import VAEConfig
+    from model.export import export_bundle
+    from model.networks import VAE
+    from model.objective import elbo
+
+    torch.manual_seed(0)
+    cfg = VAEConfig(
+        latent_dim=8, conv_channels=(8, 16), hidden_dims=(64,), likelihood=likelihood,  # type: ignore[arg-type]
+        sigma=0.2,
+    )
+    model = VAE(cfg)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    # strokes on a dark background, like digits: a few steps give real, non-random weights
+    x = torch.zeros(64, 1, 28, 28)
+    for i in range(64):
+        r = 6 + i % 16
+        x[i, 0, 4:24, r : r + 3] = 1.0
+    for _ in range(10):
+        mu, logvar = model.encode(x)
+        eps = torch.randn(1, *mu.shape)
+        loss = -elbo(model.decode, x, mu, logvar, eps, likelihood, model.log_sigma.exp()).elbo.mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return export_bundle(
+        model, out, x, name=f"tiny-{likelihood}", version="0.0.1",
+        data={"source": "synthetic strokes", "classes": None},
+        calibration_description="64 synthetic stroke images", calibration_k=8,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 1x28x28, latent-8, Bernoulli conv bundle."""
+    return _tiny_bundle(tmp_path_factory.mktemp("bundles") / "tiny", "bernoulli")
+
+
+@pytest.fixture(scope="session")
+def tiny_gaussian_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 1x28x28, latent-8, Gaussian (sigma 0.2) conv bundle."""
+    return _tiny_bundle(tmp_path_factory.mktemp("bundles") / "tiny-gauss", "gaussian")
+
+
+@pytest.fixture(scope="session")
+def mnist_dir() -> Path:
+    """The real MNIST beside the checkout (../shared/data/mnist); skip where it is absent."""
+    if not (MNIST_DIR / "t10k-images-idx3-ubyte.gz").is_file():
+        pytest.skip(f"real MNIST not found at {MNIST_DIR} (the shared data folder beside the repo)")
+    return MNIST_DIR
+
+
+@pytest.fixture(scope="session")
+def default_bundle() -> Path:
+    """The shipped default bundle, models/mnist."""
+    if not (DEFAULT_BUNDLE / "manifest.json").is_file():
+        pytest.fail(f"the shipped default bundle is missing: {DEFAULT_BUNDLE}")
+    return DEFAULT_BUNDLE

@@ -1,0 +1,144 @@
+"""The objective's terms against independent computations (torch.distributions, Monte Carlo)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import pytest
+import torch
+from torch import distributions as D
+
+from model.objective import elbo, iwae, kl_divergence, log_likelihood, log_normal, reparameterize
+
+
+
+@pytest.fixture(autouse=True)
+def _float64_and_seed() -> Iterator[None]:
+    """float64 so that agreement is checked at torch's tight default tolerances."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        yield
+    torch.set_default_dtype(old)
+
+
+def _q(mu: torch.Tensor, logvar: torch.Tensor) -> D.Distribution:
+    return D.Independent(D.Normal(mu, (0.5 * logvar).exp()), 1)
+
+
+def test_kl_matches_torch_distributions() -> None:
+    mu, logvar = torch.randn(7, 5), torch.randn(7, 5)
+    prior = D.Independent(D.Normal(torch.zeros(5), torch.ones(5)), 1)
+    expected = D.kl_divergence(_q(mu, logvar), prior)
+    torch.testing.assert_close(kl_divergence(mu, logvar), expected)
+
+
+def test_kl_matches_monte_carlo() -> None:
+    mu, logvar = torch.tensor([[0.5, -1.0, 2.0]]), torch.tensor([[0.3, -0.7, 0.1]])
+    z = reparameterize(mu, logvar, torch.randn(200_000, 1, 3))
+    zeros = torch.zeros_like(mu)
+    mc = (log_normal(z, mu, logvar) - log_normal(z, zeros, zeros)).mean(0)
+    assert abs(float(mc) - float(kl_divergence(mu, logvar))) < 0.02
+
+
+def test_kl_is_zero_at_the_prior() -> None:
+    assert float(kl_divergence(torch.zeros(1, 4), torch.zeros(1, 4))) == 0.0
+
+
+def test_reparameterize_has_the_posterior_moments() -> None:
+    mu, logvar = torch.tensor([1.0, -2.0]), torch.tensor([0.0, math.log(4.0)])
+    z = reparameterize(mu, logvar, torch.randn(100_000, 2))
+    torch.testing.assert_close(z.mean(0), mu, atol=0.03, rtol=0)
+    torch.testing.assert_close(z.std(0), torch.tensor([1.0, 2.0]), atol=0.03, rtol=0)
+
+
+def test_log_normal_matches_torch() -> None:
+    z, mu, logvar = torch.randn(3, 4), torch.randn(3, 4), torch.randn(3, 4)
+    torch.testing.assert_close(log_normal(z, mu, logvar), _q(mu, logvar).log_prob(z))
+
+
+def test_bernoulli_log_likelihood_matches_torch() -> None:
+    x = torch.randint(0, 2, (4, 1, 5, 5)).double()
+    logits = torch.randn(4, 1, 5, 5) * 3
+    expected = D.Bernoulli(logits=logits).log_prob(x).sum((1, 2, 3))
+    torch.testing.assert_close(log_likelihood(x, logits, "bernoulli"), expected)
+
+
+def test_bernoulli_with_grey_values_is_the_cross_entropy() -> None:
+    x = torch.rand(2, 3, 4, 4)
+    logits = torch.randn(2, 3, 4, 4)
+    p = torch.sigmoid(logits)
+    expected = (x * p.log() + (1 - x) * (1 - p).log()).sum((1, 2, 3))
+    torch.testing.assert_close(log_likelihood(x, logits, "bernoulli"), expected)
+
+
+def test_gaussian_log_likelihood_matches_torch() -> None:
+    x, mean = torch.rand(3, 1, 4, 4), torch.rand(3, 1, 4, 4)
+    expected = D.Normal(mean, 0.3).log_prob(x).sum((1, 2, 3))
+    torch.testing.assert_close(log_likelihood(x, mean, "gaussian", 0.3), expected)
+
+
+def test_unknown_likelihood_is_an_error() -> None:
+    with pytest.raises(ValueError, match="unknown likelihood 'poisson'"):
+        log_likelihood(torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 2, 2), "poisson")
+
+
+def _linear_decoder() -> tuple[torch.nn.Module, torch.Tensor]:
+    dec = torch.nn.Sequential(torch.nn.Linear(3, 16), torch.nn.Unflatten(1, (1, 4, 4)))
+    x = torch.randint(0, 2, (5, 1, 4, 4)).double()
+    return dec, x
+
+
+def test_elbo_terms_by_hand() -> None:
+    dec, x = _linear_decoder()
+    mu, logvar, eps = torch.randn(5, 3), torch.randn(5, 3), torch.randn(4, 5, 3)
+    t = elbo(dec, x, mu, logvar, eps, "bernoulli")
+    z = mu + (0.5 * logvar).exp() * eps
+    rec = torch.stack([D.Bernoulli(logits=dec(z[s])).log_prob(x).sum((1, 2, 3)) for s in range(4)])
+    torch.testing.assert_close(t.reconstruction, rec.mean(0))
+    torch.testing.assert_close(t.kl, kl_divergence(mu, logvar))
+    torch.testing.assert_close(t.elbo, rec.mean(0) - kl_divergence(mu, logvar))
+
+
+def test_iwae_with_one_sample_is_the_elbo_for_the_same_eps() -> None:
+    dec, x = _linear_decoder()
+    mu, logvar, eps = torch.randn(5, 3), torch.randn(5, 3), torch.randn(1, 5, 3)
+    z = reparameterize(mu, logvar, eps[0])
+    zeros = torch.zeros_like(mu)
+    # the single-sample ELBO with the sampled (not closed-form) KL term
+    expected = (
+        log_likelihood(x, dec(z), "bernoulli")
+        + log_normal(z, zeros, zeros)
+        - log_normal(z, mu, logvar)
+    )
+    torch.testing.assert_close(iwae(dec, x, mu, logvar, eps, "bernoulli"), expected)
+
+
+def test_iwae_one_sample_averages_to_the_closed_form_elbo() -> None:
+    dec, x = _linear_decoder()
+    mu, logvar, eps = torch.randn(5, 3), torch.randn(5, 3), torch.randn(20_000, 5, 3)
+    draws = torch.stack([iwae(dec, x, mu, logvar, e[None], "bernoulli") for e in eps[:4000]])
+    closed_form = elbo(dec, x, mu, logvar, eps, "bernoulli").elbo
+    torch.testing.assert_close(draws.mean(0), closed_form, atol=0.5, rtol=0)
+
+
+def test_iwae_grows_with_k_on_average() -> None:
+    dec, x = _linear_decoder()
+    mu, logvar = torch.randn(5, 3), torch.randn(5, 3) + 1.0  # a poor posterior leaves room
+
+    def mean_bound(k: int) -> float:
+        draws = [iwae(dec, x, mu, logvar, torch.randn(k, 5, 3), "bernoulli") for _ in range(200)]
+        return float(torch.stack(draws).mean())
+
+    b1, b5, b50 = mean_bound(1), mean_bound(5), mean_bound(50)
+    assert b1 < b5 < b50
+
+
+def test_iwae_chunking_does_not_change_the_value() -> None:
+    dec, x = _linear_decoder()
+    mu, logvar, eps = torch.randn(5, 3), torch.randn(5, 3), torch.randn(37, 5, 3)
+    torch.testing.assert_close(
+        iwae(dec, x, mu, logvar, eps, "bernoulli"), iwae(dec, x, mu, logvar, eps, "bernoulli", chunk=8)
+    )
