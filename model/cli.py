@@ -40,14 +40,16 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed")
 
 
-def _train_parser(sub: Any) -> None:
-    p = sub.add_parser(
+def _train_parser(sub: Any) -> argparse.ArgumentParser:
+    p: argparse.ArgumentParser = sub.add_parser(
         "train", help="train a VAE", formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     p.add_argument("--config", type=Path, help="JSON file of flag values (keys as flag dests)")
-    p.add_argument("--data", default="mnist",
-                   help="directory of IDX files or images; 'digits'; or 'mnist'/'fashion-mnist' "
-                        "to download")
+    p.add_argument(
+        "--data",
+        default="mnist",
+        help="directory of IDX files or images; 'digits'; or 'mnist'/'fashion-mnist' to download",
+    )
     p.add_argument("--out", default="runs/vae", help="output directory for checkpoints and curves")
     p.add_argument("--classes", type=_ints, help="train on these labels only, e.g. 3 or 1,7")
     p.add_argument("--image-size", type=_size, help="resize folder images to HxW")
@@ -61,8 +63,12 @@ def _train_parser(sub: Any) -> None:
     p.add_argument("--likelihood", choices=["bernoulli", "gaussian"], default="bernoulli")
     p.add_argument("--sigma", type=float, default=0.1, help="Gaussian sigma (initial if learned)")
     p.add_argument("--learn-sigma", action="store_true")
-    p.add_argument("--val-size", type=float, default=5000,
-                   help="validation images: a count, or a fraction when < 1")
+    p.add_argument(
+        "--val-size",
+        type=float,
+        default=5000,
+        help="validation images: a count, or a fraction when < 1",
+    )
     p.add_argument("--binarize", choices=["dynamic", "none"], default="dynamic")
     p.add_argument("--epochs", type=int, default=50)
     p.add_argument("--batch-size", type=int, default=128, help="global batch size")
@@ -78,19 +84,27 @@ def _train_parser(sub: Any) -> None:
     p.add_argument("--threads", type=int, default=0, help="torch threads; 0 = torch's default")
     p.add_argument("--resume", help="checkpoint to resume from")
     _common(p)
+    return p
 
 
 def _export_parser(sub: Any) -> None:
-    p = sub.add_parser("export", help="export a checkpoint as an ONNX bundle",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = sub.add_parser(
+        "export",
+        help="export a checkpoint as an ONNX bundle",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("checkpoint", type=Path)
     p.add_argument("--out", type=Path, required=True, help="bundle directory to write")
     p.add_argument("--name", default="vae")
     p.add_argument("--version", help="bundle version (default: a timestamp)")
     p.add_argument("--data", help="data for calibration and metrics (default: the training data)")
     p.add_argument("--calibration-k", type=int, default=64, help="k for the -IWAE score table")
-    p.add_argument("--eval-k", type=int, default=0,
-                   help="also measure test IWAE NLL with this k and store it (0 = skip)")
+    p.add_argument(
+        "--eval-k",
+        type=int,
+        default=0,
+        help="also measure test IWAE NLL with this k and store it (0 = skip)",
+    )
     p.add_argument("--eval-images", type=int, default=0, help="test images to evaluate; 0 = all")
     p.add_argument("--metrics", type=Path, help="JSON file of metrics to store (from evaluate)")
     p.add_argument("--overwrite", action="store_true")
@@ -98,12 +112,17 @@ def _export_parser(sub: Any) -> None:
 
 
 def _evaluate_parser(sub: Any) -> None:
-    p = sub.add_parser("evaluate", help="test ELBO and IWAE log-likelihood",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = sub.add_parser(
+        "evaluate",
+        help="test ELBO and IWAE log-likelihood",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("checkpoint", type=Path)
     p.add_argument("--data", help="test data (default: the training data's test split)")
     p.add_argument("--k", type=int, default=1000, help="IWAE samples per image")
-    p.add_argument("--images", type=int, default=0, help="evaluate the first N test images; 0 = all")
+    p.add_argument(
+        "--images", type=int, default=0, help="evaluate the first N test images; 0 = all"
+    )
     p.add_argument("--binarize", choices=["dynamic", "none"], default="dynamic")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=0)
@@ -130,17 +149,23 @@ def _test_images(source: str, cfg: VAEConfig, ckpt: dict[str, Any], limit: int) 
 
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = VAEConfig(
-        channels=args.channels, height=args.height, width=args.width,
-        latent_dim=args.latent_dim, architecture=args.architecture,
-        conv_channels=tuple(args.conv_channels), hidden_dims=tuple(args.hidden_dims),
-        likelihood=args.likelihood, sigma=args.sigma, learn_sigma=args.learn_sigma,
+        channels=args.channels,
+        height=args.height,
+        width=args.width,
+        latent_dim=args.latent_dim,
+        architecture=args.architecture,
+        conv_channels=tuple(args.conv_channels),
+        hidden_dims=tuple(args.hidden_dims),
+        likelihood=args.likelihood,
+        sigma=args.sigma,
+        learn_sigma=args.learn_sigma,
     )
     names = {f.name for f in fields(TrainConfig)} - {"extra"}
     kw = {k: v for k, v in vars(args).items() if k in names}
     kw["classes"] = list(args.classes) if args.classes else None
     tc = TrainConfig(**kw)
-    summary = train(cfg, tc)
-    log.info("done: %s", json.dumps(summary))
+    result = train(cfg, tc)
+    log.info("done: %s", json.dumps(result.summary))
     return 0
 
 
@@ -171,10 +196,17 @@ def cmd_export(args: argparse.Namespace) -> int:
         "world_size": ckpt.get("world_size", 1),
     }
     export_bundle(
-        model, args.out, val.images, name=args.name, version=args.version,
-        data={**ckpt["data"], "source": source}, training=training, metrics=metrics,
+        model,
+        args.out,
+        val.images,
+        name=args.name,
+        version=args.version,
+        data={**ckpt["data"], "source": source},
+        training=training,
+        metrics=metrics,
         calibration_description=f"validation split of {source}, raw intensities",
-        calibration_k=args.calibration_k, overwrite=args.overwrite,
+        calibration_k=args.calibration_k,
+        overwrite=args.overwrite,
     )
     print(args.out)
     return 0
@@ -194,29 +226,29 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    """The `vae` parser and its `train` sub-parser (which takes defaults from --config)."""
     parser = argparse.ArgumentParser(prog="vae", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    _train_parser(sub)
+    train_parser = _train_parser(sub)
     _export_parser(sub)
     _evaluate_parser(sub)
-    return parser
+    return parser, train_parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    parser, train_parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "train" and args.config:
         try:
             values = json.loads(args.config.read_text())
         except (OSError, json.JSONDecodeError) as e:
             parser.error(f"--config {args.config}: {e}")
-        sub = parser._subparsers._group_actions[0].choices["train"]  # type: ignore[union-attr]
-        dests = {a.dest for a in sub._actions}
+        dests = {a.dest for a in train_parser._actions}
         unknown = set(values) - dests
         if unknown:
             parser.error(f"--config {args.config}: unknown keys {sorted(unknown)}")
-        sub.set_defaults(**values)
+        train_parser.set_defaults(**values)
         args = parser.parse_args(argv)
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -224,9 +256,9 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("onnxscript", "onnx_ir", "matplotlib", "torch.onnx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
-        return {"train": cmd_train, "export": cmd_export, "evaluate": cmd_evaluate}[
-            args.command
-        ](args)
+        return {"train": cmd_train, "export": cmd_export, "evaluate": cmd_evaluate}[args.command](
+            args
+        )
     except (data_mod.DataError, ValueError, FileNotFoundError, FileExistsError) as e:
         log.error("%s", e)
         return 2

@@ -10,6 +10,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,8 +32,8 @@ class Dataset:
         return int(self.images.shape[0])
 
 
-# IDX type codes (LeCun's format): 0x08 ubyte, 0x09 byte, 0x0B short, 0x0C int, 0x0D float, 0x0E double
-_IDX_DTYPES = {
+# IDX type codes (LeCun's format): ubyte, byte, short, int, float, double
+_IDX_DTYPES: dict[int, np.dtype[Any]] = {
     0x08: np.dtype(">u1"),
     0x09: np.dtype(">i1"),
     0x0B: np.dtype(">i2"),
@@ -48,7 +49,11 @@ def read_idx(path: Path) -> np.ndarray:
     if not path.is_file():
         raise DataError(f"IDX file not found: {path}")
     try:
-        raw = gzip.open(path).read() if path.suffix == ".gz" else path.read_bytes()
+        if path.suffix == ".gz":
+            with gzip.open(path) as f:
+                raw = f.read()
+        else:
+            raw = path.read_bytes()
     except (OSError, EOFError) as e:
         raise DataError(f"cannot read IDX file {path}: {e}") from e
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
@@ -64,7 +69,8 @@ def read_idx(path: Path) -> np.ndarray:
             f"IDX file {path} is truncated or padded: {len(raw)} bytes, expected {expected} "
             f"for shape {shape}"
         )
-    return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape)
+    arr: np.ndarray = np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape)
+    return arr
 
 
 _IDX_NAMES = {"train": "train", "test": "t10k"}
@@ -111,15 +117,16 @@ def load_image_folder(
     files = sorted(p for p in directory.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise DataError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {directory}")
-    classes = sorted({p.parent.relative_to(directory).parts[0] for p in files if p.parent != directory})
+    classes = sorted(
+        {p.parent.relative_to(directory).parts[0] for p in files if p.parent != directory}
+    )
     mode = "L" if channels == 1 else "RGB"
     arrays, labels = [], []
     first: tuple[int, int, Path] | None = None
     for p in files:
         try:
-            with Image.open(p) as im:
-                im.load()
-                im = im.convert(mode)
+            with Image.open(p) as opened:
+                im = opened.convert(mode)
         except (UnidentifiedImageError, OSError, ValueError) as e:
             raise DataError(f"unreadable image {p}: {e}") from e
         if size is not None:
@@ -234,12 +241,10 @@ def load(
     return load_image_folder(path, channels=channels, size=size)
 
 
-def split_validation(
-    ds: Dataset, val_size: int | float, seed: int
-) -> tuple[Dataset, Dataset]:
+def split_validation(ds: Dataset, val_size: int | float, seed: int) -> tuple[Dataset, Dataset]:
     """Hold out a random validation split: an int count or a fraction of the data."""
     n = len(ds)
-    n_val = int(round(val_size * n)) if isinstance(val_size, float) else int(val_size)
+    n_val = round(val_size * n) if isinstance(val_size, float) else int(val_size)
     if not 0 < n_val < n:
         raise DataError(f"validation size {val_size} leaves no train or no validation images ({n})")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))

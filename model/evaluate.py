@@ -35,8 +35,9 @@ def evaluate(
     device = next(model.parameters()).device
     cfg, sigma = model.cfg, model.log_sigma.exp()
     sums = {"elbo": 0.0, "reconstruction": 0.0, "kl": 0.0, "iwae": 0.0}
-    for i in tqdm(range(0, len(x), batch_size), desc=f"IWAE k={k}", disable=not progress,
-                  mininterval=2.0):
+    for i in tqdm(
+        range(0, len(x), batch_size), desc=f"IWAE k={k}", disable=not progress, mininterval=2.0
+    ):
         xb = x[i : i + batch_size]
         if binarize:
             xb = data_mod.binarize(xb, g)

@@ -107,7 +107,7 @@ def check_onnx(model: VAE, directory: Path, batch: int = 7, seed: int = 0) -> fl
 def anomaly_scores(
     model: VAE, x: torch.Tensor, samples: int = 1, k: int = 64, seed: int = 0, batch: int = 500
 ) -> dict[str, np.ndarray]:
-    """-ELBO (S samples) and -IWAE (k samples) per image on raw intensities, as the server scores."""
+    """-ELBO (S samples) and -IWAE (k samples) per image on raw intensities, as served."""
     g = torch.Generator().manual_seed(seed)
     cfg, sigma = model.cfg, model.log_sigma.exp()
     neg_elbo, neg_iwae = [], []
@@ -166,7 +166,10 @@ def export_bundle(
     try:
         cfg = model.cfg
         _export_onnx(
-            _EncoderOnly(model), torch.rand(2, *cfg.image_shape), tmp / "encoder.onnx", "x",
+            _EncoderOnly(model),
+            torch.rand(2, *cfg.image_shape),
+            tmp / "encoder.onnx",
+            "x",
             ["mu", "logvar"],
         )
         output = "logits" if cfg.likelihood == "bernoulli" else "mean"

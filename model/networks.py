@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -12,7 +13,7 @@ from model.config import VAEConfig
 
 def _mlp(dims: list[int]) -> nn.Sequential:
     layers: list[nn.Module] = []
-    for d_in, d_out in zip(dims[:-1], dims[1:], strict=True):
+    for d_in, d_out in itertools.pairwise(dims):
         layers += [nn.Linear(d_in, d_out), nn.ELU()]
     return nn.Sequential(*layers)
 
@@ -70,7 +71,7 @@ class Decoder(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.fc(self.body(z)).view(z.shape[0], *self.seed_shape)
-        out = self.up(h)  # (B, C, H, W)
+        out: torch.Tensor = self.up(h)  # (B, C, H, W)
         if self.likelihood == "gaussian":
             out = torch.sigmoid(out)  # the mean lives in [0, 1] like the pixels
         return out

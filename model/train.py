@@ -155,8 +155,14 @@ def _write_history(history: list[dict[str, float]], out: Path) -> None:
     _plot(history, out / "curves.png")
 
 
-def train(cfg: VAEConfig, tc: TrainConfig) -> dict[str, Any]:
-    """Train, saving checkpoint_last.pt and checkpoint_best.pt in tc.out; returns a summary."""
+@dataclass
+class TrainResult:
+    model: VAE  # the weights after the last epoch run (identical on every rank)
+    summary: dict[str, Any]
+
+
+def train(cfg: VAEConfig, tc: TrainConfig) -> TrainResult:
+    """Train, saving checkpoint_last.pt and checkpoint_best.pt in tc.out."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     distributed = world > 1
@@ -192,7 +198,9 @@ def train(cfg: VAEConfig, tc: TrainConfig) -> dict[str, Any]:
     def lr_at(step: int) -> float:
         if tc.lr_schedule == "constant":
             return 1.0
-        return (tc.min_lr + 0.5 * (tc.lr - tc.min_lr) * (1 + math.cos(math.pi * step / total))) / tc.lr
+        return (
+            tc.min_lr + 0.5 * (tc.lr - tc.min_lr) * (1 + math.cos(math.pi * step / total))
+        ) / tc.lr
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     start_epoch, best, history, since_best = 1, -math.inf, [], 0
@@ -216,42 +224,51 @@ def train(cfg: VAEConfig, tc: TrainConfig) -> dict[str, Any]:
     if distributed:
         # DDP wraps forward(); route it to the encoder. The decoder's parameters get their
         # gradients in the same backward pass, so DDP's hooks average those too.
-        model.forward = model.encode  # type: ignore[method-assign]
+        model.forward = model.encode
         net = nn.parallel.DistributedDataParallel(model)
 
-    def objective(xb: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def objective(
+        xb: torch.Tensor, eps: torch.Tensor, beta: float, global_batch: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The loss of this rank's slice, scaled so DDP's average is the global batch's mean."""
         mu, logvar = net(xb) if distributed else model.encode(xb)
         sigma = model.log_sigma.exp()
         if tc.objective == "iwae":
-            eps = torch.randn((tc.iwae_k, *mu.shape), device=device)
             bound = iwae(model.decode, xb, mu, logvar, eps, cfg.likelihood, sigma)
-            return -bound.mean(), bound.detach()
-        eps = torch.randn((1, *mu.shape), device=device)
-        t = elbo(model.decode, xb, mu, logvar, eps, cfg.likelihood, sigma)
-        return -(t.reconstruction - beta * t.kl).mean(), t.elbo.detach()
+            objective_sum = bound.sum()
+        else:
+            t = elbo(model.decode, xb, mu, logvar, eps, cfg.likelihood, sigma)
+            objective_sum, bound = (t.reconstruction - beta * t.kl).sum(), t.elbo
+        return -objective_sum * world / global_batch, bound.detach()
 
-    summary: dict[str, Any] = {}
     t_start = time.time()
     for epoch in range(start_epoch, tc.epochs + 1):
         model.train()
         beta = min(1.0, epoch / tc.kl_warmup_epochs) if tc.kl_warmup_epochs > 0 else 1.0
-        # every rank draws the same permutation and binarisation, then takes its slice of each
+        # every rank draws the same permutation, binarisation and eps, then takes its slice of each
         # global batch, so N processes see exactly what one process with the same batch sees.
         g = torch.Generator().manual_seed(tc.seed * 100_003 + epoch)
         perm = torch.randperm(len(train_ds), generator=g)
         t0, n_seen, elbo_sum = time.time(), 0, 0.0
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}/{tc.epochs}", disable=rank != 0,
-                   leave=False, mininterval=1.0)
+        bar = tqdm(
+            range(steps_per_epoch),
+            desc=f"epoch {epoch}/{tc.epochs}",
+            disable=rank != 0,
+            leave=False,
+            mininterval=1.0,
+        )
         for step in bar:
             idx = perm[step * tc.batch_size : (step + 1) * tc.batch_size]
             xb = train_ds.images[idx]
             if tc.binarize == "dynamic":
                 xb = data_mod.binarize(xb, g)
+            samples = tc.iwae_k if tc.objective == "iwae" else 1
+            eps = torch.randn((samples, len(xb), cfg.latent_dim), generator=g)
             per = math.ceil(len(xb) / world)
-            xb = xb[rank * per : (rank + 1) * per].to(device)
-            loss, bound = objective(xb, beta)
+            mine = slice(rank * per, (rank + 1) * per)
+            loss, bound = objective(xb[mine].to(device), eps[:, mine].to(device), beta, len(xb))
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]
             opt.step()
             sched.step()
             n_seen += len(xb)
@@ -304,8 +321,13 @@ def train(cfg: VAEConfig, tc: TrainConfig) -> dict[str, Any]:
             _write_history(history, out)
             log.info(
                 "epoch %d  train ELBO %.2f  val ELBO %.2f (rec %.2f, KL %.2f)  %.0f img/s%s",
-                epoch, row["train_elbo"], val["elbo"], val["reconstruction"], val["kl"],
-                row["images_per_s"], "  *best*" if improved else "",
+                epoch,
+                row["train_elbo"],
+                val["elbo"],
+                val["reconstruction"],
+                val["kl"],
+                row["images_per_s"],
+                "  *best*" if improved else "",
             )
         if tc.patience and since_best >= tc.patience:
             log.info("early stopping: no better validation ELBO for %d epochs", tc.patience)
@@ -319,4 +341,4 @@ def train(cfg: VAEConfig, tc: TrainConfig) -> dict[str, Any]:
     if distributed:
         dist.barrier()
         dist.destroy_process_group()
-    return summary
+    return TrainResult(model, summary)

@@ -21,7 +21,10 @@ def _tiny_bundle(out: Path, likelihood: str) -> Path:
 
     torch.manual_seed(0)
     cfg = VAEConfig(
-        latent_dim=8, conv_channels=(8, 16), hidden_dims=(64,), likelihood=likelihood,  # type: ignore[arg-type]
+        latent_dim=8,
+        conv_channels=(8, 16),
+        hidden_dims=(64,),
+        likelihood=likelihood,  # type: ignore[arg-type]
         sigma=0.2,
     )
     model = VAE(cfg)
@@ -34,14 +37,21 @@ def _tiny_bundle(out: Path, likelihood: str) -> Path:
     for _ in range(10):
         mu, logvar = model.encode(x)
         eps = torch.randn(1, *mu.shape)
-        loss = -elbo(model.decode, x, mu, logvar, eps, likelihood, model.log_sigma.exp()).elbo.mean()
+        loss = -elbo(
+            model.decode, x, mu, logvar, eps, likelihood, model.log_sigma.exp()
+        ).elbo.mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
     return export_bundle(
-        model, out, x, name=f"tiny-{likelihood}", version="0.0.1",
+        model,
+        out,
+        x,
+        name=f"tiny-{likelihood}",
+        version="0.0.1",
         data={"source": "synthetic strokes", "classes": None},
-        calibration_description="64 synthetic stroke images", calibration_k=8,
+        calibration_description="64 synthetic stroke images",
+        calibration_k=8,
     )
 
 

@@ -57,20 +57,35 @@ def test_real_mnist(mnist_dir: Path) -> None:
     # figures from the data set's README
     assert abs(float(train.images.mean()) * 255 - 33.32) < 0.01
     assert test.labels is not None
-    assert torch.bincount(test.labels).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+    assert torch.bincount(test.labels).tolist() == [
+        980,
+        1135,
+        1032,
+        1010,
+        982,
+        892,
+        958,
+        1028,
+        974,
+        1009,
+    ]
 
 
 def test_wrong_magic_number(tmp_path: Path) -> None:
     p = tmp_path / "x-idx3-ubyte"
     p.write_bytes(b"\x12\x34\x08\x03" + b"\x00" * 20)
-    with pytest.raises(DataError, match=r"x-idx3-ubyte is not an IDX file: bad magic number 12340803"):
+    with pytest.raises(
+        DataError, match=r"x-idx3-ubyte is not an IDX file: bad magic number 12340803"
+    ):
         data_mod.read_idx(p)
 
 
 def test_truncated_idx(tmp_path: Path) -> None:
     p = _write_idx(tmp_path / "t-idx3-ubyte", np.zeros((4, 28, 28)))
     p.write_bytes(p.read_bytes()[:-10])
-    with pytest.raises(DataError, match=r"t-idx3-ubyte is truncated or padded: 3142 bytes, expected 3152"):
+    with pytest.raises(
+        DataError, match=r"t-idx3-ubyte is truncated or padded: 3142 bytes, expected 3152"
+    ):
         data_mod.read_idx(p)
 
 

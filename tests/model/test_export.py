@@ -1,4 +1,4 @@
-"""`vae export`: ONNX agrees with PyTorch, the manifest is complete, a failed export leaves nothing."""
+"""`vae export`: ONNX agrees with PyTorch, the manifest is whole, a failed export leaves nothing."""
 
 from __future__ import annotations
 
@@ -23,7 +23,9 @@ def _session(path: Path) -> ort.InferenceSession:
 
 
 @pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
-def test_onnx_matches_pytorch(tiny_bundle: Path, tiny_gaussian_bundle: Path, likelihood: str) -> None:
+def test_onnx_matches_pytorch(
+    tiny_bundle: Path, tiny_gaussian_bundle: Path, likelihood: str
+) -> None:
     bundle = tiny_bundle if likelihood == "bernoulli" else tiny_gaussian_bundle
     manifest = json.loads((bundle / "manifest.json").read_text())
     enc, dec = _session(bundle / "encoder.onnx"), _session(bundle / "decoder.onnx")
@@ -43,8 +45,11 @@ def test_onnx_matches_pytorch(tiny_bundle: Path, tiny_gaussian_bundle: Path, lik
 
 def test_export_round_trip_against_pytorch(tmp_path: Path) -> None:
     torch.manual_seed(3)
-    model = VAE(VAEConfig(channels=3, height=16, width=16, latent_dim=6, conv_channels=(8, 16),
-                          hidden_dims=(32,))).eval()
+    model = VAE(
+        VAEConfig(
+            channels=3, height=16, width=16, latent_dim=6, conv_channels=(8, 16), hidden_dims=(32,)
+        )
+    ).eval()
     out = export_bundle(model, tmp_path / "b", torch.rand(20, 3, 16, 16), calibration_k=4)
     x = torch.rand(5, 3, 16, 16)
     mu, logvar = _session(out / "encoder.onnx").run(None, {"x": x.numpy()})
@@ -59,7 +64,11 @@ def test_export_round_trip_against_pytorch(tmp_path: Path) -> None:
 
 def test_manifest(tiny_bundle: Path) -> None:
     m = json.loads((tiny_bundle / "manifest.json").read_text())
-    assert sorted(p.name for p in tiny_bundle.iterdir()) == ["decoder.onnx", "encoder.onnx", "manifest.json"]
+    assert sorted(p.name for p in tiny_bundle.iterdir()) == [
+        "decoder.onnx",
+        "encoder.onnx",
+        "manifest.json",
+    ]
     assert m["schema_version"] == 1
     assert m["image"] == {"channels": 1, "height": 28, "width": 28}
     assert m["latent_dim"] == 8 and m["likelihood"] == "bernoulli" and m["sigma"] is None
@@ -78,7 +87,9 @@ def test_manifest(tiny_bundle: Path) -> None:
     assert cal["scores"]["neg_iwae"]["values"][500] < cal["scores"]["neg_elbo"]["values"][500]
 
 
-def test_failed_export_leaves_no_half_bundle(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failed_export_leaves_no_half_bundle(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     def broken(*args: object, **kwargs: object) -> float:
         raise RuntimeError("ONNX export differs from PyTorch by 1.00e-01 > 0.0001")
 
@@ -97,12 +108,45 @@ def test_export_refuses_to_overwrite(tiny_bundle: Path) -> None:
 
 def test_cli_export_and_evaluate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     run = tmp_path / "run"
-    args = ["--data", "digits", "--height", "8", "--width", "8", "--val-size", "100",
-            "--latent-dim", "3", "--conv-channels", "8,8", "--hidden-dims", "16", "--epochs", "1"]
+    args = [
+        "--data",
+        "digits",
+        "--height",
+        "8",
+        "--width",
+        "8",
+        "--val-size",
+        "100",
+        "--latent-dim",
+        "3",
+        "--conv-channels",
+        "8,8",
+        "--hidden-dims",
+        "16",
+        "--epochs",
+        "1",
+    ]
     assert main(["train", *args, "--out", str(run)]) == 0
     bundle = tmp_path / "bundle"
-    assert main(["export", str(run / "checkpoint_best.pt"), "--out", str(bundle), "--name", "digits",
-                 "--calibration-k", "4", "--eval-k", "5", "--eval-images", "50"]) == 0
+    assert (
+        main(
+            [
+                "export",
+                str(run / "checkpoint_best.pt"),
+                "--out",
+                str(bundle),
+                "--name",
+                "digits",
+                "--calibration-k",
+                "4",
+                "--eval-k",
+                "5",
+                "--eval-images",
+                "50",
+            ]
+        )
+        == 0
+    )
     m = json.loads((bundle / "manifest.json").read_text())
     assert m["name"] == "digits" and m["image"] == {"channels": 1, "height": 8, "width": 8}
     assert m["data"]["val_images"] == 100 and m["calibration"]["images"] == 100

@@ -27,7 +27,7 @@ def test_shapes(cfg: VAEConfig) -> None:
     out = model.decode(mu)
     assert out.shape == (3, *cfg.image_shape)
     if cfg.likelihood == "gaussian":
-        assert 0 <= float(out.min()) and float(out.max()) <= 1
+        assert float(out.min()) >= 0 and float(out.max()) <= 1
         assert abs(model.sigma - cfg.sigma) < 1e-6
         assert any(p is model.log_sigma for p in model.parameters()) == cfg.learn_sigma
 

@@ -12,7 +12,6 @@ from torch import distributions as D
 from model.objective import elbo, iwae, kl_divergence, log_likelihood, log_normal, reparameterize
 
 
-
 @pytest.fixture(autouse=True)
 def _float64_and_seed() -> Iterator[None]:
     """float64 so that agreement is checked at torch's tight default tolerances."""
@@ -140,5 +139,6 @@ def test_iwae_chunking_does_not_change_the_value() -> None:
     dec, x = _linear_decoder()
     mu, logvar, eps = torch.randn(5, 3), torch.randn(5, 3), torch.randn(37, 5, 3)
     torch.testing.assert_close(
-        iwae(dec, x, mu, logvar, eps, "bernoulli"), iwae(dec, x, mu, logvar, eps, "bernoulli", chunk=8)
+        iwae(dec, x, mu, logvar, eps, "bernoulli"),
+        iwae(dec, x, mu, logvar, eps, "bernoulli", chunk=8),
     )

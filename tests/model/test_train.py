@@ -12,19 +12,43 @@ import torch
 from model.cli import main
 from model.train import load_checkpoint
 
-DIGITS = ["--data", "digits", "--height", "8", "--width", "8", "--val-size", "200",
-          "--latent-dim", "4", "--conv-channels", "8,16", "--hidden-dims", "32", "--threads", "1"]
+DIGITS = [
+    "--data",
+    "digits",
+    "--height",
+    "8",
+    "--width",
+    "8",
+    "--val-size",
+    "200",
+    "--latent-dim",
+    "4",
+    "--conv-channels",
+    "8,16",
+    "--hidden-dims",
+    "32",
+    "--threads",
+    "1",
+]
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("run") / "digits"
-    assert main(["train", *DIGITS, "--epochs", "3", "--out", str(out), "--kl-warmup-epochs", "2"]) == 0
+    assert (
+        main(["train", *DIGITS, "--epochs", "3", "--out", str(out), "--kl-warmup-epochs", "2"]) == 0
+    )
     return out
 
 
 def test_train_writes_checkpoints_and_curves(run: Path) -> None:
-    for name in ("checkpoint_best.pt", "checkpoint_last.pt", "history.csv", "history.json", "curves.png"):
+    for name in (
+        "checkpoint_best.pt",
+        "checkpoint_last.pt",
+        "history.csv",
+        "history.json",
+        "curves.png",
+    ):
         assert (run / name).is_file(), name
     with open(run / "history.csv") as f:
         rows = list(csv.DictReader(f))
@@ -68,7 +92,10 @@ def test_same_seed_same_weights(tmp_path: Path) -> None:
     [
         (["--latent-dim", "0"], "latent_dim must be positive, got 0"),
         (["--height", "10", "--width", "10"], "image size 10x10 is not divisible by 4"),
-        (["--height", "12", "--width", "12"], "has images (1, 8, 8) but the model expects (1, 12, 12)"),
+        (
+            ["--height", "12", "--width", "12"],
+            "has images (1, 8, 8) but the model expects (1, 12, 12)",
+        ),
         (["--epochs", "0"], "--epochs must be positive"),
         (["--data", "/nonexistent/dir"], "data not found: /nonexistent/dir"),
     ],
@@ -110,6 +137,21 @@ def test_unknown_config_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
 
 def test_iwae_objective_trains(tmp_path: Path) -> None:
     out = tmp_path / "iwae"
-    assert main(["train", *DIGITS, "--epochs", "1", "--objective", "iwae", "--iwae-k", "3",
-                 "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "train",
+                *DIGITS,
+                "--epochs",
+                "1",
+                "--objective",
+                "iwae",
+                "--iwae-k",
+                "3",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert load_checkpoint(out / "checkpoint_last.pt")["train"]["objective"] == "iwae"
