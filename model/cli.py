@@ -82,7 +82,12 @@ def _train_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--patience", type=int, default=0, help="early stopping; 0 = off")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--threads", type=int, default=0, help="torch threads; 0 = torch's default")
-    p.add_argument("--resume", help="checkpoint to resume from")
+    p.add_argument("--resume", help="checkpoint to resume from (same run, same schedule)")
+    p.add_argument(
+        "--init-from",
+        help="start from a checkpoint's weights with a new optimizer "
+        "and schedule (fine-tuning, e.g. with --objective iwae)",
+    )
     _common(p)
     return p
 
@@ -181,7 +186,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     _, val = data_mod.split_validation(
         full, val_size if val_size < 1 else int(val_size), ckpt["train"]["seed"]
     )
-    metrics: dict[str, Any] = {"best_val_elbo": ckpt["best_val_elbo"]}
+    best = ckpt.get("best_val_bound", ckpt.get("best_val_elbo"))  # older checkpoints: _elbo
+    metrics: dict[str, Any] = {"best_val_bound": best}
     if args.metrics:
         metrics.update(json.loads(args.metrics.read_text()))
     if args.eval_k:

@@ -49,6 +49,7 @@ class TrainConfig:
     device: str = "auto"
     threads: int = 0
     resume: str | None = None
+    init_from: str | None = None  # start from these weights with a fresh optimizer (fine-tuning)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -108,12 +109,12 @@ def model_from_checkpoint(path: Path) -> tuple[VAE, dict[str, Any]]:
 
 @torch.no_grad()
 def evaluate_elbo(
-    model: VAE, x: torch.Tensor, batch_size: int, seed: int, binarize: bool
+    model: VAE, x: torch.Tensor, batch_size: int, seed: int, binarize: bool, iwae_k: int = 0
 ) -> dict[str, float]:
-    """Mean single-sample ELBO terms over x, with fixed-seed binarisation and eps."""
+    """Mean single-sample ELBO terms (and the IWAE-k bound if k > 0) over x, seeded."""
     g = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
-    sums = {"elbo": 0.0, "reconstruction": 0.0, "kl": 0.0}
+    sums = {"elbo": 0.0, "reconstruction": 0.0, "kl": 0.0, "iwae": 0.0}
     for i in range(0, len(x), batch_size):
         xb = x[i : i + batch_size]
         if binarize:
@@ -122,8 +123,16 @@ def evaluate_elbo(
         mu, logvar = model.encode(xb)
         eps = torch.randn((1, *mu.shape), generator=g).to(device)
         terms = elbo(model.decode, xb, mu, logvar, eps, model.cfg.likelihood, model.log_sigma.exp())
-        for k in sums:
+        for k in ("elbo", "reconstruction", "kl"):
             sums[k] += float(getattr(terms, k).sum())
+        if iwae_k:
+            eps = torch.randn((iwae_k, *mu.shape), generator=g).to(device)
+            sigma = model.log_sigma.exp()
+            sums["iwae"] += float(
+                iwae(model.decode, xb, mu, logvar, eps, model.cfg.likelihood, sigma).sum()
+            )
+    if not iwae_k:
+        del sums["iwae"]
     return {k: v / len(x) for k, v in sums.items()}
 
 
@@ -135,8 +144,9 @@ def _plot(history: list[dict[str, float]], path: Path) -> None:
 
     ep = [h["epoch"] for h in history]
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(ep, [h["train_elbo"] for h in history], label="train ELBO")
-    ax.plot(ep, [h["val_elbo"] for h in history], label="validation ELBO")
+    ax.plot(ep, [h["train_bound"] for h in history], label="train bound (objective)")
+    ax.plot(ep, [h["val_bound"] for h in history], label="validation bound (objective)")
+    ax.plot(ep, [h["val_elbo"] for h in history], label="validation ELBO", linestyle=":")
     ax.set_xlabel("epoch")
     ax.set_ylabel("nats per image")
     ax.legend()
@@ -214,9 +224,18 @@ def train(cfg: VAEConfig, tc: TrainConfig) -> TrainResult:
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
-        start_epoch, best = ckpt["epoch"] + 1, ckpt["best_val_elbo"]
+        start_epoch, best = ckpt["epoch"] + 1, ckpt["best_val_bound"]
         history, since_best = ckpt["history"], ckpt.get("since_best", 0)
         log.info("resumed from %s at epoch %d", tc.resume, start_epoch)
+    elif tc.init_from:
+        ckpt = load_checkpoint(Path(tc.init_from))
+        if ckpt["config"] != cfg.to_dict():
+            raise ValueError(
+                f"--init-from {tc.init_from}: checkpoint was trained with a different "
+                f"architecture ({ckpt['config']}) than the one asked for ({cfg.to_dict()})"
+            )
+        model.load_state_dict(ckpt["model"])
+        log.info("starting from the weights of %s", tc.init_from)
 
     if rank == 0:  # only now that data, config and checkpoint are known to be good
         out.mkdir(parents=True, exist_ok=True)
@@ -277,10 +296,14 @@ def train(cfg: VAEConfig, tc: TrainConfig) -> TrainResult:
                 bar.set_postfix(loss=f"{float(loss.detach()):.2f}")
         seconds = time.time() - t0
         model.eval()
-        val = evaluate_elbo(model, val_ds.images, 1000, tc.seed, tc.binarize == "dynamic")
+        k = tc.iwae_k if tc.objective == "iwae" else 0
+        val = evaluate_elbo(model, val_ds.images, 1000, tc.seed, tc.binarize == "dynamic", k)
+        # the bound being maximised (ELBO or IWAE-k) picks the best checkpoint
+        val_bound = val["iwae"] if k else val["elbo"]
         row = {
             "epoch": epoch,
-            "train_elbo": elbo_sum / max(n_seen, 1),
+            "train_bound": elbo_sum / max(n_seen, 1),
+            "val_bound": val_bound,
             "val_elbo": val["elbo"],
             "val_reconstruction": val["reconstruction"],
             "val_kl": val["kl"],
@@ -290,9 +313,9 @@ def train(cfg: VAEConfig, tc: TrainConfig) -> TrainResult:
             "images_per_s": n_seen * world / seconds,
         }
         history.append(row)
-        improved = val["elbo"] > best
+        improved = val_bound > best
         if improved:
-            best, since_best = val["elbo"], 0
+            best, since_best = val_bound, 0
         else:
             since_best += 1
         if rank == 0:
@@ -303,7 +326,7 @@ def train(cfg: VAEConfig, tc: TrainConfig) -> TrainResult:
                 "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(),
                 "epoch": epoch,
-                "best_val_elbo": best,
+                "best_val_bound": best,
                 "since_best": since_best,
                 "history": history,
                 "data": {
@@ -320,9 +343,13 @@ def train(cfg: VAEConfig, tc: TrainConfig) -> TrainResult:
                 _save_atomic(ckpt, out / "checkpoint_best.pt")
             _write_history(history, out)
             log.info(
-                "epoch %d  train ELBO %.2f  val ELBO %.2f (rec %.2f, KL %.2f)  %.0f img/s%s",
+                "epoch %d  train %s %.2f  val %s %.2f  val ELBO %.2f (rec %.2f, KL %.2f)  "
+                "%.0f img/s%s",
                 epoch,
-                row["train_elbo"],
+                tc.objective.upper(),
+                row["train_bound"],
+                tc.objective.upper(),
+                val_bound,
                 val["elbo"],
                 val["reconstruction"],
                 val["kl"],
@@ -330,10 +357,10 @@ def train(cfg: VAEConfig, tc: TrainConfig) -> TrainResult:
                 "  *best*" if improved else "",
             )
         if tc.patience and since_best >= tc.patience:
-            log.info("early stopping: no better validation ELBO for %d epochs", tc.patience)
+            log.info("early stopping: no better validation bound for %d epochs", tc.patience)
             break
     summary = {
-        "best_val_elbo": best,
+        "best_val_bound": best,
         "epochs_run": len(history),
         "seconds": time.time() - t_start,
         "out": str(out),
