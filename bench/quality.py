@@ -45,24 +45,29 @@ def main() -> None:
         t0 = time.perf_counter()
         res = evaluate(model, x, k=args.k, seed=args.seed, chunk=250)
         cfg = ckpt["config"]
-        rows.append({
-            "checkpoint": str(ckpt_path),
-            "architecture": cfg["architecture"],
-            "latent_dim": cfg["latent_dim"],
-            "epochs": ckpt["epoch"],
-            "objective": ckpt["train"]["objective"],
-            "parameters": sum(p.numel() for p in model.parameters()),
-            "seconds": time.perf_counter() - t0,
-            **res,
-        })
+        rows.append(
+            {
+                "checkpoint": str(ckpt_path),
+                "architecture": cfg["architecture"],
+                "latent_dim": cfg["latent_dim"],
+                "epochs": ckpt["epoch"],
+                "objective": ckpt["train"]["objective"],
+                "parameters": sum(p.numel() for p in model.parameters()),
+                "seconds": time.perf_counter() - t0,
+                **res,
+            }
+        )
     print(f"# model quality, {now()}, {machine()}")
     print(f"# {len(x)} MNIST test images, dynamically binarised (seed {args.seed}), k={args.k}\n")
     print("| model | epochs | params | test ELBO | test NLL (IWAE) |")
     print("|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['architecture']} latent {r['latent_dim']} ({r['objective']}) `{r['checkpoint']}` "
-              f"| {r['epochs']} | {r['parameters']:,} | {-r['test_elbo']:.2f} | "
-              f"{r['test_nll_iwae']:.2f} |")
+        print(
+            f"| {r['architecture']} latent {r['latent_dim']} ({r['objective']}) "
+            f"`{r['checkpoint']}` "
+            f"| {r['epochs']} | {r['parameters']:,} | {-r['test_elbo']:.2f} | "
+            f"{r['test_nll_iwae']:.2f} |"
+        )
     for name, nll in LITERATURE:
         print(f"| {name} | | | | {nll:.2f} |")
     if args.out:

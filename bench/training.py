@@ -1,6 +1,6 @@
 """Training throughput (images/s) on MNIST with one process and with two under torchrun (gloo).
 
-    python -m bench.training --epochs 2
+python -m bench.training --epochs 2
 """
 
 from __future__ import annotations
@@ -22,14 +22,34 @@ ARCHS = {
 
 
 def run(arch: str, nproc: int, epochs: int, data: Path, out: Path) -> float:
-    args = ["--data", str(data), *ARCHS[arch], "--epochs", str(epochs), "--out", str(out),
-            "--threads", "1", "--log-level", "WARNING"]
+    args = [
+        "--data",
+        str(data),
+        *ARCHS[arch],
+        "--epochs",
+        str(epochs),
+        "--out",
+        str(out),
+        "--threads",
+        "1",
+        "--log-level",
+        "WARNING",
+    ]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     if nproc == 1:
         cmd = [sys.executable, "-m", "model.cli", "train", *args]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc-per-node={nproc}", "-m", "model.cli", "train", *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={nproc}",
+            "-m",
+            "model.cli",
+            "train",
+            *args,
+        ]
     subprocess.run(cmd, env=env, check=True, capture_output=True)
     history = json.loads((out / "history.json").read_text())
     # the median over epochs after the first, which pays for warm-up

@@ -195,8 +195,10 @@ def server(
                 with urllib.request.urlopen(f"{base}/readyz", timeout=2) as response:
                     if response.status == 200:
                         break
+            except urllib.error.HTTPError as e:
+                e.close()  # 503 while the bundle loads
             except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass  # not listening yet, or 503 while the bundle loads
+                pass  # not listening yet
             if time.monotonic() > deadline:
                 pytest.fail(
                     f"/readyz not 200 after {READY_TIMEOUT_S:.0f} s:\n{log_path.read_text()}"
