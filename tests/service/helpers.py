@@ -84,7 +84,9 @@ def linear_bundle(
     pixels = c * h * w
     rng = np.random.default_rng(0)
 
-    def graph_file(name: str, nodes: list[Any], inputs: list[Any], outputs: list[Any], init: list[Any]) -> bytes:
+    def graph_file(
+        name: str, nodes: list[Any], inputs: list[Any], outputs: list[Any], init: list[Any]
+    ) -> bytes:
         graph = helper.make_graph(nodes, name, inputs, outputs, initializer=init)
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
         model.ir_version = 8
@@ -95,8 +97,12 @@ def linear_bundle(
         return helper.make_tensor_value_info(name, TensorProto.FLOAT, dims)
 
     weights = [
-        numpy_helper.from_array(0.01 * rng.standard_normal((pixels, latent_dim)).astype(np.float32), "w_mu"),
-        numpy_helper.from_array(0.01 * rng.standard_normal((pixels, latent_dim)).astype(np.float32), "w_lv"),
+        numpy_helper.from_array(
+            0.01 * rng.standard_normal((pixels, latent_dim)).astype(np.float32), "w_mu"
+        ),
+        numpy_helper.from_array(
+            0.01 * rng.standard_normal((pixels, latent_dim)).astype(np.float32), "w_lv"
+        ),
         numpy_helper.from_array(np.array([0, pixels], dtype=np.int64), "flat"),
     ]
     encoder = graph_file(
@@ -119,7 +125,9 @@ def linear_bundle(
         [tensor("z", [batch, latent_dim])],
         [tensor("logits", [batch, c, h, w])],
         [
-            numpy_helper.from_array(0.1 * rng.standard_normal((latent_dim, pixels)).astype(np.float32), "w_out"),
+            numpy_helper.from_array(
+                0.1 * rng.standard_normal((latent_dim, pixels)).astype(np.float32), "w_out"
+            ),
             numpy_helper.from_array(np.array([0, c, h, w], dtype=np.int64), "shape"),
         ],
     )

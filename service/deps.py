@@ -1,0 +1,266 @@
+"""Dependencies shared by the routes: settings, the loaded model, authentication and inputs."""
+
+import hmac
+import json
+from collections.abc import Sequence
+from typing import Annotated, Any
+
+import numpy as np
+from fastapi import Depends, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+
+from service.imaging import ImageError, convert_channels, decode_image, resize
+from service.inference import F32, Model
+from service.schemas import BLACK_28X28_PNG, ImagesRequest
+from service.settings import Settings
+
+JSON_TYPES = ("application/json",)
+IMAGE_MEDIA = "multipart/form-data, application/json or image/* (one raw image)"
+# Starlette's own cap on multipart parts; VAE_MAX_IMAGES is checked separately with a clear 422.
+MULTIPART_MAX_PARTS = 1000
+
+
+def get_settings_from_app(request: Request) -> Settings:
+    """The settings the app was created with."""
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings_from_app)]
+
+
+def get_model(request: Request) -> Model:
+    """The loaded model; 503 until the lifespan has loaded and warmed it up."""
+    model: Model | None = request.app.state.model
+    if model is None:
+        raise HTTPException(status_code=503, detail="model not loaded yet; see GET /readyz")
+    return model
+
+
+ModelDep = Annotated[Model, Depends(get_model)]
+
+
+def require_api_key(request: Request, settings: SettingsDep) -> None:
+    """With VAE_API_KEY set, require it as `X-API-Key` or `Authorization: Bearer`; 401 else."""
+    if settings.api_key is None:
+        return
+    supplied = request.headers.get("x-api-key")
+    if supplied is None:
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        supplied = token.strip() if scheme.lower() == "bearer" else None
+    if not supplied:
+        problem = "missing API key"
+    elif hmac.compare_digest(supplied.encode(), settings.api_key.get_secret_value().encode()):
+        return
+    else:
+        problem = "invalid API key"
+    raise HTTPException(
+        status_code=401,
+        detail=f"{problem}: send it as X-API-Key or Authorization: Bearer <key>",
+        headers={"WWW-Authenticate": "Bearer"},
+    )
+
+
+def media_type(request: Request) -> str:
+    """The request's Content-Type without parameters, lower-cased ('' when absent)."""
+    return request.headers.get("content-type", "").partition(";")[0].strip().lower()
+
+
+def is_json(kind: str) -> bool:
+    """Whether a media type is JSON (`application/json` or a `+json` type)."""
+    return kind in JSON_TYPES or kind.endswith("+json")
+
+
+def unsupported_media(kind: str, expected: str) -> HTTPException:
+    """A 415 naming what was sent and what is accepted."""
+    sent = f"Content-Type {kind}" if kind else "no Content-Type"
+    return HTTPException(status_code=415, detail=f"unsupported media type: {sent}; use {expected}")
+
+
+def require_json(request: Request) -> None:
+    """415 unless the body is JSON (FastAPI itself would answer 422 for other media types)."""
+    kind = media_type(request)
+    if not is_json(kind):
+        raise unsupported_media(kind, "application/json")
+
+
+Loc = Sequence[str | int]
+
+
+def invalid(loc: Loc, msg: str, type_: str = "value_error") -> RequestValidationError:
+    """A 422 in FastAPI's own error format, so every validation error reads alike."""
+    return RequestValidationError([{"type": type_, "loc": tuple(loc), "msg": msg}])
+
+
+def over_limit(loc: Loc, value: int, limit: int, setting: str) -> RequestValidationError:
+    """A 422 for a count above a configured limit, naming the limit's setting."""
+    return invalid(
+        loc,
+        f"Input should be less than or equal to {limit} ({setting}); got {value}",
+        "less_than_equal",
+    )
+
+
+def _body_errors(exc: ValidationError) -> RequestValidationError:
+    errors = exc.errors(include_url=False)
+    return RequestValidationError([{**error, "loc": ("body", *error["loc"])} for error in errors])
+
+
+async def read_json(request: Request) -> Any:
+    """Parse the JSON body; 422 in FastAPI's format when it is not JSON."""
+    body = await request.body()
+    try:
+        return json.loads(body)
+    except RecursionError:
+        raise invalid(("body",), "JSON nested too deeply") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        pos = exc.pos if isinstance(exc, json.JSONDecodeError) else exc.start
+        raise RequestValidationError(
+            [
+                {
+                    "type": "json_invalid",
+                    "loc": ("body", pos),
+                    "msg": "JSON decode error",
+                    "input": {},
+                    "ctx": {"error": str(exc)},
+                }
+            ]
+        ) from None
+
+
+Upload = tuple[str, bytes]  # (" ('name.png')" or "" for messages, encoded bytes)
+
+
+async def _multipart_uploads(request: Request) -> list[Upload]:
+    uploads: list[Upload] = []
+    async with request.form(max_files=MULTIPART_MAX_PARTS, max_fields=MULTIPART_MAX_PARTS) as form:
+        for name, value in form.multi_items():
+            if not isinstance(value, UploadFile):
+                raise invalid(
+                    ("body", name),
+                    f"form field {name!r} is not a file upload; send images as files (with a "
+                    "filename) and options as query parameters",
+                )
+            uploads.append((f" ({value.filename!r})" if value.filename else "", await value.read()))
+    return uploads
+
+
+def _decode_uploads(uploads: list[Upload], shape: tuple[int, int, int], settings: Settings) -> F32:
+    images = []
+    for i, (what, data) in enumerate(uploads):
+        try:
+            images.append(
+                decode_image(
+                    data, shape, max_pixels=settings.max_pixels, strict=settings.strict_size
+                )
+            )
+        except ImageError as exc:
+            message = f"image {i}{what} {exc}"
+            if exc.status == 413:
+                raise HTTPException(status_code=413, detail=message) from None
+            raise invalid(("body", "images", i), message) from None
+    return np.stack(images)
+
+
+def _prepare_arrays(arrays: list[F32], shape: tuple[int, int, int], settings: Settings) -> F32:
+    c, h, w = shape
+    images = []
+    for i, array in enumerate(arrays):
+        height, width = array.shape[1:]
+        if height * width > settings.max_pixels:
+            raise HTTPException(
+                status_code=413,
+                detail=f"pixels[{i}] is {width}x{height} = {width * height} pixels, over the limit "
+                f"of {settings.max_pixels} (VAE_MAX_PIXELS)",
+            )
+        if settings.strict_size and (height, width) != (h, w):
+            raise invalid(
+                ("body", "pixels", i),
+                f"pixels[{i}] is {width}x{height}; the model takes {w}x{h} (VAE_STRICT_SIZE is on)",
+            )
+        images.append(resize(convert_channels(array, c), h, w))
+    return np.stack(images)
+
+
+async def _read_batch(request: Request, settings: Settings, shape: tuple[int, int, int]) -> F32:
+    kind = media_type(request)
+    if kind == "multipart/form-data":
+        uploads = await _multipart_uploads(request)
+    elif is_json(kind):
+        try:
+            body = ImagesRequest.model_validate(await read_json(request))
+        except ValidationError as exc:
+            raise _body_errors(exc) from None
+        if body.pixels is not None:
+            _check_count(len(body.pixels), settings, "pixels")
+            return await run_in_threadpool(_prepare_arrays, body.pixels, shape, settings)
+        assert body.images is not None  # the model validator guarantees one of the two
+        uploads = [("", data) for data in body.images]
+    elif kind.startswith("image/"):
+        uploads = [(f" ({kind} body)", await request.body())]
+    else:
+        raise unsupported_media(kind, IMAGE_MEDIA)
+    _check_count(len(uploads), settings, "images")
+    return await run_in_threadpool(_decode_uploads, uploads, shape, settings)
+
+
+async def read_images(request: Request, settings: SettingsDep, model: ModelDep) -> F32:
+    """The request's images as one float32 batch `(B, C, H, W)` in [0, 1] at the model's size.
+
+    Accepts multipart file uploads, a JSON body (`images`: base64 files, or `pixels`: nested
+    arrays) or one raw image body (`Content-Type: image/...`). Decoding runs in the threadpool.
+    """
+    x = await _read_batch(request, settings, model.manifest.input_shape)
+    model.metrics.images.labels(request.scope["route"].path).observe(len(x))
+    return x
+
+
+def _check_count(count: int, settings: Settings, field: str) -> None:
+    if count == 0:
+        raise invalid(("body", field), "no images: send at least one image")
+    if count > settings.max_images:
+        raise over_limit(("body", field), count, settings.max_images, "VAE_MAX_IMAGES")
+
+
+ImagesDep = Annotated[F32, Depends(read_images)]
+
+
+IMAGES_OPENAPI: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "description": "Images as multipart files, a JSON body, or one raw image body. Options "
+        "go in the query string.",
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "images": {
+                            "type": "array",
+                            "items": {"type": "string", "format": "binary"},
+                            "description": "one or more image files (PNG, JPEG, BMP, WebP, ...)",
+                        }
+                    },
+                    "required": ["images"],
+                }
+            },
+            "application/json": {
+                "schema": ImagesRequest.model_json_schema(),
+                "examples": {
+                    "base64": {
+                        "summary": "base64-encoded image files",
+                        "value": {"images": [BLACK_28X28_PNG]},
+                    },
+                    "pixels": {
+                        "summary": "pixel arrays (H, W) or (C, H, W) in [0, 1], resized to fit",
+                        "value": {"pixels": [[[0.0, 0.5], [1.0, 0.25]]]},
+                    },
+                },
+            },
+            "image/*": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}

@@ -1,0 +1,139 @@
+"""Images in and out: decode uploads safely into model arrays, turn model arrays into PNGs."""
+
+import io
+import math
+from typing import Any
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+F32 = np.ndarray[Any, np.dtype[np.float32]]
+
+# Formats decoded in-process by Pillow alone; EPS and friends would shell out, so they are refused.
+FORMATS = ("PNG", "JPEG", "BMP", "WEBP", "GIF", "TIFF", "PPM", "TGA", "ICO")
+RESAMPLE = Image.Resampling.LANCZOS
+# ITU-R 601-2 luma, the weights Pillow uses for RGB -> L, so arrays and uploads convert alike.
+LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+HIGH_BIT_MODES = {"I", "I;16", "I;16L", "I;16B", "I;16N", "F"}
+
+
+class ImageError(ValueError):
+    """An input image that cannot be used; `status` is the HTTP status it maps to."""
+
+    def __init__(self, message: str, status: int = 422) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _open(data: bytes) -> Image.Image:
+    return Image.open(io.BytesIO(data), formats=FORMATS)
+
+
+def decode_image(data: bytes, shape: tuple[int, int, int], *, max_pixels: int, strict: bool) -> F32:
+    """Encoded image bytes -> float32 `(C, H, W)` in [0, 1] at the model's size.
+
+    The pixel count is checked from the header before any pixel is decoded, so a small file that
+    would inflate to gigabytes (a decompression bomb) is refused cheaply.
+    """
+    c, h, w = shape
+    if not data:
+        raise ImageError("is empty (0 bytes)")
+    try:
+        image = _open(data)
+    except UnidentifiedImageError:
+        raise ImageError(f"is not an image in a supported format ({', '.join(FORMATS)})") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageError(
+            f"is a likely decompression bomb, over the limit of {max_pixels} (VAE_MAX_PIXELS)", 413
+        ) from None
+    except Exception as exc:  # Pillow plugins raise assorted errors on malformed headers
+        raise _undecodable(exc) from None
+    width, height = image.size
+    if width * height > max_pixels:
+        raise ImageError(
+            f"is {width}x{height} = {width * height} pixels, over the limit of {max_pixels} "
+            "(VAE_MAX_PIXELS)",
+            413,
+        )
+    if strict and (width, height) != (w, h):
+        raise ImageError(f"is {width}x{height}; the model takes {w}x{h} (VAE_STRICT_SIZE is on)")
+    try:
+        image.verify()  # checksums and structure; the image must be reopened afterwards
+        image = _open(data)
+        image.draft("L" if c == 1 else "RGB", (w, h))  # JPEG: decode at a reduced scale
+        image.load()
+        array = _to_array(image, c)
+    except Exception as exc:  # truncated or corrupt data surfaces as many exception types
+        raise _undecodable(exc) from None
+    return resize(array, h, w)
+
+
+def _undecodable(exc: Exception) -> ImageError:
+    return ImageError(f"could not be decoded, truncated or corrupt? ({type(exc).__name__}: {exc})")
+
+
+def _to_array(image: Image.Image, channels: int) -> F32:
+    """A decoded Pillow image -> float32 `(C, H, W)` in [0, 1] with the model's channels."""
+    if image.mode in HIGH_BIT_MODES:
+        # 16-bit grey (and float) keep their precision instead of Pillow's 8-bit clipping
+        scale = 1.0 if image.mode == "F" else 65535.0
+        grey = np.clip(np.asarray(image, dtype=np.float32) / scale, 0.0, 1.0)
+        return np.repeat(grey[None], channels, axis=0)
+    converted = image.convert("L" if channels == 1 else "RGB")
+    array = np.asarray(converted, dtype=np.float32) / 255.0
+    return array[None] if channels == 1 else np.moveaxis(array, -1, 0)
+
+
+def convert_channels(array: F32, channels: int) -> F32:
+    """`(C', H, W)` with C' in {1, 3} -> `(channels, H, W)`: grey repeated or RGB to luma."""
+    if array.shape[0] == channels:
+        return array
+    if array.shape[0] == 1:
+        return np.repeat(array, channels, axis=0)
+    return np.tensordot(LUMA, array, axes=1)[None].astype(np.float32)
+
+
+def resize(array: F32, height: int, width: int) -> F32:
+    """Resize each channel of `(C, H, W)` with a Lanczos filter, clipped back to [0, 1]."""
+    if array.shape[1:] == (height, width):
+        return np.ascontiguousarray(array, dtype=np.float32)
+    planes = [
+        np.asarray(Image.fromarray(plane).resize((width, height), RESAMPLE))
+        for plane in array.astype(np.float32, copy=False)
+    ]
+    resized: F32 = np.clip(np.stack(planes), 0.0, 1.0).astype(np.float32)
+    return resized
+
+
+def _to_pil(array: F32) -> Image.Image:
+    """`(C, H, W)` in [0, 1] -> an 8-bit L or RGB image."""
+    pixels = np.rint(np.clip(array, 0.0, 1.0) * 255.0).astype(np.uint8)
+    if pixels.shape[0] == 1:
+        return Image.fromarray(pixels[0])
+    return Image.fromarray(np.ascontiguousarray(np.moveaxis(pixels, 0, -1)))
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def to_png(array: F32) -> bytes:
+    """One image `(C, H, W)` in [0, 1] -> PNG bytes."""
+    return _png(_to_pil(array))
+
+
+def grid_png(arrays: F32, padding: int = 2) -> bytes:
+    """Images `(B, C, H, W)` in [0, 1] -> one PNG, a near-square grid on a black background."""
+    b, c, h, w = arrays.shape
+    columns = math.ceil(math.sqrt(b))
+    rows = math.ceil(b / columns)
+    canvas = np.zeros(
+        (c, rows * (h + padding) + padding, columns * (w + padding) + padding), dtype=np.float32
+    )
+    for i, image in enumerate(arrays):
+        top = padding + (i // columns) * (h + padding)
+        left = padding + (i % columns) * (w + padding)
+        canvas[:, top : top + h, left : left + w] = image
+    return _png(_to_pil(canvas))

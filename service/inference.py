@@ -1,0 +1,130 @@
+"""Model operations on whole batches: each is one batched onnxruntime call per network.
+
+These functions are synchronous and CPU-bound; routes run them in a worker thread (onnxruntime
+releases the GIL), never on the event loop.
+"""
+
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from service import objective
+from service.bundle import MAX_DECODE_ROWS, Bundle, ScoreName
+from service.metrics import Metrics
+
+F32 = objective.F32
+F64 = objective.F64
+MAX_SEED = 2**63 - 1
+
+
+def fresh_seed() -> int:
+    """A random seed to echo back; below 2**53 so JavaScript clients can hold it exactly."""
+    return secrets.randbits(53)
+
+
+def draw_eps(seed: int, shape: tuple[int, ...]) -> F32:
+    """Standard normal draws from `np.random.default_rng(seed)`.
+
+    Draws fill in C order, so the first S of an `(N, B, D)` draw equal an `(S, B, D)` draw with
+    the same seed: one draw serves the ELBO, IWAE and the anomaly score of a request.
+    """
+    return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Per-image results of scoring a batch, each `(B,)`."""
+
+    terms: objective.ElboTerms
+    iwae: F64 | None
+    score: F64
+
+
+class Model:
+    """A loaded bundle plus the metrics its calls report to."""
+
+    def __init__(self, bundle: Bundle, metrics: Metrics) -> None:
+        self.bundle = bundle
+        self.manifest = bundle.manifest
+        self.metrics = metrics
+
+    def encode(self, x: F32) -> tuple[F32, F32]:
+        """`x (B, C, H, W)` -> `mu, logvar (B, D)`."""
+        with self.metrics.time_inference("encoder", len(x)):
+            return self.bundle.encode(x)
+
+    def decode(self, z: F32) -> F32:
+        """`z (N, D)` -> decoder output `(N, C, H, W)`."""
+        with self.metrics.time_inference("decoder", len(z)):
+            return self.bundle.decode(z)
+
+    def decode_mean(self, z: F32) -> F32:
+        """`z (N, D)` -> the mean of p(x|z), `(N, C, H, W)`; ValueError if it is not finite."""
+        with np.errstate(invalid="ignore", over="ignore"):  # reported below as a ValueError
+            mean = objective.likelihood_mean(self.decode(z), self.manifest.likelihood)
+        bad = ~np.isfinite(mean).all(axis=(1, 2, 3))
+        if bad.any():
+            raise ValueError(f"the decoder output is not finite for rows {np.flatnonzero(bad)}")
+        return mean
+
+    def log_px(self, x: F32, z: F32) -> F64:
+        """log p(x|z) for `x (B, C, H, W)` and `z (N, B, D)` -> `(N, B)`, in bounded chunks."""
+        n, b, d = z.shape
+        per_call = max(1, MAX_DECODE_ROWS // b)  # whole samples per decoder call
+        chunks = []
+        for start in range(0, n, per_call):
+            zs = z[start : start + per_call]
+            out = self.decode(zs.reshape(-1, d)).reshape(len(zs), *x.shape)
+            chunks.append(
+                objective.log_likelihood(x, out, self.manifest.likelihood, self.manifest.sigma)
+            )
+        return np.concatenate(chunks)
+
+    def evaluate(
+        self,
+        x: F32,
+        *,
+        samples: int,
+        k: int | None,
+        score: ScoreName,
+        score_draws: int,
+        seed: int,
+    ) -> Evaluation:
+        """ELBO with `samples` draws, IWAE with `k` (if given) and the anomaly score.
+
+        `score_draws` is the number of draws behind the score (the calibration's `samples` for
+        neg_elbo, `k` for neg_iwae); all quantities share one draw of eps, so a shared prefix is
+        decoded once.
+        """
+        b = len(x)
+        mu, logvar = self.encode(x)  # (B, D) each
+        kl = objective.kl_divergence(mu, logvar)
+        n = max(samples, k or 0, score_draws)
+        eps = draw_eps(seed, (n, b, self.manifest.latent_dim))
+        z = objective.reparameterize(mu, logvar, eps)  # (n, B, D)
+        log_px = self.log_px(x, z)  # (n, B)
+
+        terms = objective.elbo(log_px[:samples], kl)
+        iwae = objective.iwae(log_px[:k], z[:k], mu, logvar) if k else None
+        if score == "neg_elbo":
+            values = -objective.elbo(log_px[:score_draws], kl).elbo
+        else:
+            values = -objective.iwae(log_px[:score_draws], z[:score_draws], mu, logvar)
+        return Evaluation(terms=terms, iwae=iwae, score=values)
+
+    def reconstruct(self, x: F32) -> F32:
+        """The decoder's mean at `z = mu`, `(B, C, H, W)`: what the model makes of each image."""
+        mu, _ = self.encode(x)
+        return self.decode_mean(mu)
+
+    def info(self) -> dict[str, Any]:
+        """Labels describing the loaded model."""
+        return {
+            "name": self.manifest.name,
+            "version": self.manifest.version,
+            "likelihood": self.manifest.likelihood,
+            "latent_dim": str(self.manifest.latent_dim),
+            "provider": self.bundle.providers[0],
+        }

@@ -1,0 +1,170 @@
+"""The FastAPI app: `create_app(settings)`; the lifespan loads the bundle and warms it up.
+
+Run with `vae serve`, or `uvicorn service.main:create_app --factory`. Importing this module loads
+nothing and never imports torch.
+"""
+
+import json
+import logging
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service import __version__
+from service.bundle import BundleError, load_bundle
+from service.inference import Model
+from service.metrics import Metrics, MetricsMiddleware
+from service.routes import decode, elbo, encode, health, model, reconstruct, sample
+from service.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+DESCRIPTION = """
+Serve a variational auto-encoder bundle (docs/BUNDLE.md) with onnxruntime: encode images to
+q(z|x), decode or sample latents to images, and score images by their ELBO / IWAE bound against
+the bundle's calibration to flag anomalies. Image endpoints take multipart files, JSON (base64
+files or pixel arrays in [0, 1]) or a raw image body; options go in the query string.
+"""
+MAX_ECHOED_INPUT = 200  # characters of a rejected value echoed back in a 422
+
+
+class BodyLimitMiddleware:
+    """413 for request bodies over `max_bytes`, by Content-Length up front or while streaming.
+
+    Starlette ships a limiter too, but its 413 does not name the limit or the setting.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    def _detail(self, size: str) -> str:
+        return (
+            f"request body {size} over the limit of {self.max_bytes} bytes (VAE_MAX_UPLOAD_BYTES)"
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            detail = self._detail(f"is {int(length)} bytes,")
+            response = JSONResponse({"detail": detail}, status_code=413)
+            await response(scope, receive, send)
+            return
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    # raised inside the route's body read: the app's handler renders the 413
+                    raise HTTPException(status_code=413, detail=self._detail("is"))
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+def _json_safe(value: Any) -> bool:
+    try:
+        return len(json.dumps(value, allow_nan=False)) <= MAX_ECHOED_INPUT
+    except (TypeError, ValueError):
+        return False
+
+
+async def validation_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    """FastAPI's 422 body, minus echoed inputs that are huge or not JSON (NaN, infinity)."""
+    assert isinstance(exc, RequestValidationError)
+    errors = []
+    for error in exc.errors():
+        error = dict(error)
+        if "input" in error and not _json_safe(error["input"]):
+            error.pop("input")
+        if "ctx" in error:
+            error["ctx"] = {
+                key: value if _json_safe(value) else str(value)
+                for key, value in error["ctx"].items()
+            }
+        errors.append(error)
+    return JSONResponse({"detail": jsonable_encoder(errors)}, status_code=422)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the app; nothing is loaded until the lifespan starts."""
+    settings = settings or get_settings()
+    metrics = Metrics()
+    logging.getLogger("service").setLevel(settings.log_level_number)
+    if unknown := settings.unknown_env(os.environ):
+        log.warning("ignoring unknown settings (typo?): %s", ", ".join(unknown))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        try:
+            bundle = await run_in_threadpool(
+                load_bundle, settings.bundle, device=settings.device, threads=settings.threads
+            )
+            await run_in_threadpool(bundle.warm_up)
+        except BundleError as exc:
+            log.error("cannot start: %s", exc)
+            raise
+        app.state.model = Model(bundle, metrics)
+        metrics.bundle_info.labels(**app.state.model.info()).set(1)
+        metrics.ready.set(1)
+        log.info("ready: serving %s %s", bundle.manifest.name, bundle.manifest.version)
+        try:
+            yield
+        finally:
+            metrics.ready.set(0)
+            app.state.model = None
+
+    app = FastAPI(
+        title="VAE server",
+        version=__version__,
+        description=DESCRIPTION,
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.model = None
+    for module in (encode, decode, sample, elbo, reconstruct, model, health):
+        app.include_router(module.router)
+    app.add_exception_handler(RequestValidationError, validation_error_handler)
+    default_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        """FastAPI's schema, with the /decode example sized to the loaded model's latent_dim."""
+        schema = default_openapi()
+        if app.state.model is not None:
+            d = app.state.model.manifest.latent_dim
+            example = {"z": [[0.0] * d, [(-1.0) ** i for i in range(d)]]}
+            schema["components"]["schemas"]["DecodeRequest"]["examples"] = [example]
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: sees every status
+    return app
+
+
+_app: FastAPI | None = None
+
+
+def __getattr__(name: str) -> FastAPI:
+    """`service.main:app` for plain `uvicorn service.main:app`, built on first access."""
+    global _app
+    if name != "app":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if _app is None:
+        _app = create_app()
+    return _app

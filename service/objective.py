@@ -1,0 +1,102 @@
+"""The VAE objective in numpy: the twin of model/objective.py, same math as docs/BUNDLE.md.
+
+Doersch, "Tutorial on Variational Autoencoders" (arXiv 1606.05908) for the ELBO and the closed-form
+KL; Burda et al., "Importance Weighted Autoencoders" (arXiv 1509.00519) for the IWAE bound. Every
+value is in nats, summed over pixels and latent dimensions, one number per image. The random draws
+`eps` are arguments, so the torch side and this one can be held to the same numbers.
+"""
+
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+
+Likelihood = Literal["bernoulli", "gaussian"]
+F32 = np.ndarray[Any, np.dtype[np.float32]]
+F64 = np.ndarray[Any, np.dtype[np.float64]]
+
+LOG_2PI = math.log(2.0 * math.pi)
+IMAGE_AXES = (-3, -2, -1)  # (C, H, W)
+
+
+@dataclass(frozen=True)
+class ElboTerms:
+    """Per-image ELBO and its two terms, each `(B,)`."""
+
+    elbo: F64
+    reconstruction: F64
+    kl: F64
+
+
+def reparameterize(mu: F32, logvar: F32, eps: F32) -> F32:
+    """`z = mu + sigma * eps`; `mu, logvar (B, D)`, `eps (S, B, D)` -> `z (S, B, D)`."""
+    z: F32 = (mu + np.exp(0.5 * logvar) * eps).astype(np.float32, copy=False)
+    return z
+
+
+def kl_divergence(mu: F32, logvar: F32) -> F64:
+    """KL(q(z|x) || N(0, I)) in closed form (tutorial eq. 7): `(B, D)` -> `(B,)`."""
+    terms = np.exp(logvar) + np.square(mu) - 1.0 - logvar
+    return np.asarray(0.5 * np.sum(terms, axis=-1, dtype=np.float64), dtype=np.float64)
+
+
+def log_likelihood(x: F32, out: F32, likelihood: Likelihood, sigma: float | None = None) -> F64:
+    """log p(x|z) summed over pixels; `x (B, C, H, W)`, `out (..., B, C, H, W)` -> `(..., B)`.
+
+    `out` is the decoder output: Bernoulli logits (x in [0, 1] used as the probability, no
+    binarisation) or the Gaussian mean with the manifest's scalar `sigma`.
+    """
+    if likelihood == "bernoulli":
+        # x * logits - softplus(logits), with softplus(l) = log(1 + e^l) computed stably
+        per_pixel = x * out - np.logaddexp(np.float32(0.0), out)
+    else:
+        if sigma is None or sigma <= 0:
+            raise ValueError(f"gaussian likelihood needs a positive sigma, got {sigma}")
+        per_pixel = -0.5 * np.square((x - out) / np.float32(sigma)) - np.float32(
+            math.log(sigma) + 0.5 * LOG_2PI
+        )
+    log_px: F64 = np.sum(per_pixel, axis=IMAGE_AXES, dtype=np.float64)
+    return log_px
+
+
+def log_normal(z: F32, mu: F32 | float = 0.0, logvar: F32 | float = 0.0) -> F64:
+    """log N(z; mu, diag(exp(logvar))) summed over the last axis; defaults give the prior."""
+    per_dim = -0.5 * (LOG_2PI + logvar + np.square(z - mu) * np.exp(-np.asarray(logvar)))
+    log_p: F64 = np.sum(per_dim, axis=-1, dtype=np.float64)
+    return log_p
+
+
+def elbo(log_px: F64, kl: F64) -> ElboTerms:
+    """`reconstruction = mean_s log p(x|z_s)`, `elbo = reconstruction - kl`; `log_px (S, B)`."""
+    reconstruction = np.mean(log_px, axis=0)
+    return ElboTerms(elbo=reconstruction - kl, reconstruction=reconstruction, kl=kl)
+
+
+def iwae(log_px: F64, z: F32, mu: F32, logvar: F32) -> F64:
+    """IWAE bound `logsumexp_k(log p(x|z_k) + log p(z_k) - log q(z_k|x)) - log k` -> `(B,)`.
+
+    `log_px (k, B)` at `z (k, B, D)` drawn from q(z|x) with parameters `mu, logvar (B, D)`.
+    """
+    log_w = log_px + log_normal(z) - log_normal(z, mu, logvar)  # (k, B)
+    peak = np.max(log_w, axis=0)
+    bound: F64 = peak + np.log(np.mean(np.exp(log_w - peak), axis=0))
+    return bound
+
+
+def likelihood_mean(out: F32, likelihood: Likelihood) -> F32:
+    """The mean of p(x|z) from the decoder output: sigmoid(logits) or the Gaussian mean."""
+    if likelihood == "bernoulli":
+        return np.exp(-np.logaddexp(np.float32(0.0), -out)).astype(np.float32, copy=False)
+    return out
+
+
+def percentile_of(score: F64, percentiles: list[float], values: list[float]) -> F64:
+    """Percentile of `score` in a calibration table by linear interpolation (0 below, 100 above)."""
+    percentile: F64 = np.interp(score, values, percentiles, left=0.0, right=100.0)
+    return percentile
+
+
+def value_at(percentile: float, percentiles: list[float], values: list[float]) -> float:
+    """The calibration table's score at `percentile` (the default anomaly threshold)."""
+    return float(np.interp(percentile, percentiles, values))

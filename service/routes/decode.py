@@ -1,0 +1,77 @@
+"""POST /decode: latent vectors -> images."""
+
+from typing import Annotated
+
+import numpy as np
+from fastapi import APIRouter, Depends, Query, Request, Response
+from starlette.concurrency import run_in_threadpool
+
+from service.deps import (
+    ModelDep,
+    SettingsDep,
+    invalid,
+    over_limit,
+    require_api_key,
+    require_json,
+)
+from service.inference import F32, Model
+from service.rendering import IMAGE_RESPONSES, choose_format, render_images
+from service.schemas import DecodeRequest, ImagesPublic, OutputFormat
+
+router = APIRouter(tags=["images"], dependencies=[Depends(require_api_key)])
+
+FORMAT_QUERY = Query(
+    alias="format",
+    description="base64: PNG per image in JSON (default); arrays: raw mean/probabilities; "
+    "grid: one PNG (also chosen by `Accept: image/png`)",
+)
+
+
+def decode_mean(model: Model, z: F32, loc: tuple[str, ...], hint: str) -> F32:
+    """Decode `z (N, D)` to the mean image; 422 at `loc`, with `hint`, if the decoder overflows."""
+    try:
+        return model.decode_mean(z)
+    except ValueError as exc:
+        raise invalid(loc, f"{exc}; {hint}") from None
+
+
+def validated_z(body: DecodeRequest, model: Model, max_rows: int) -> F32:
+    """The request's z as float32 `(B, D)`, with the row count and width checked."""
+    d = model.manifest.latent_dim
+    if len(body.z) > max_rows:
+        raise over_limit(("body", "z"), len(body.z), max_rows, "VAE_MAX_IMAGES")
+    for i, row in enumerate(body.z):
+        if len(row) != d:
+            raise invalid(
+                ("body", "z", i), f"z[{i}] has {len(row)} values; the model's latent_dim is {d}"
+            )
+    with np.errstate(over="ignore"):
+        z = np.asarray(body.z, dtype=np.float32)
+    if not np.isfinite(z).all():
+        raise invalid(("body", "z"), "z has values outside the float32 range")
+    return z
+
+
+@router.post(
+    "/decode",
+    response_model=ImagesPublic,
+    responses=IMAGE_RESPONSES,
+    dependencies=[Depends(require_json)],
+)
+async def decode(
+    body: DecodeRequest,
+    request: Request,
+    model: ModelDep,
+    settings: SettingsDep,
+    output: Annotated[OutputFormat | None, FORMAT_QUERY] = None,
+) -> ImagesPublic | Response:
+    """Decode latent vectors z (B x latent_dim) to images: PNGs, a PNG grid or raw arrays."""
+    fmt = choose_format(output, request.headers.get("accept"))
+    z = validated_z(body, model, settings.max_images)
+    model.metrics.images.labels("/decode").observe(len(z))
+
+    def run() -> ImagesPublic | Response:
+        mean = decode_mean(model, z, ("body", "z"), "use latent values of a sensible size")
+        return render_images(mean, fmt, model.manifest.likelihood)
+
+    return await run_in_threadpool(run)

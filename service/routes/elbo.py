@@ -1,0 +1,116 @@
+"""POST /elbo: images -> ELBO, IWAE and an anomaly verdict against the bundle's calibration."""
+
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Depends, Query
+from starlette.concurrency import run_in_threadpool
+
+from service.deps import (
+    IMAGES_OPENAPI,
+    ImagesDep,
+    ModelDep,
+    SettingsDep,
+    invalid,
+    over_limit,
+    require_api_key,
+)
+from service.inference import MAX_SEED, Model
+from service.objective import percentile_of, value_at
+from service.schemas import ElboPublic, ElboResult, Score
+from service.settings import Settings
+
+router = APIRouter(tags=["scores"], dependencies=[Depends(require_api_key)])
+
+ThresholdSource = Literal["request", "settings", "manifest"]
+
+
+def score_draws(model: Model, score: Score, samples: int, k: int | None) -> int:
+    """Draws behind the anomaly score: the calibration's, so scores compare with its table."""
+    table = model.manifest.score_table(score)
+    if score == "neg_elbo":
+        return table.samples if table and table.samples else samples
+    if k is not None:
+        return k
+    if table and table.k:
+        return table.k
+    raise invalid(("query", "k"), "score=neg_iwae needs k: the bundle's calibration names none")
+
+
+def threshold_for(
+    model: Model, settings: Settings, score: Score, requested: float | None
+) -> tuple[float | None, ThresholdSource | None]:
+    """The anomaly threshold: the request's, else VAE_ANOMALY_THRESHOLD, else the manifest's."""
+    if requested is not None:
+        return requested, "request"
+    manifest = model.manifest
+    if settings.anomaly_threshold is not None and score == manifest.default_score:
+        return settings.anomaly_threshold, "settings"
+    table = manifest.score_table(score)
+    if manifest.calibration and table and table.usable:
+        percentile = manifest.calibration.threshold_percentile
+        return value_at(percentile, table.percentiles, table.values), "manifest"
+    return None, None
+
+
+@router.post("/elbo", openapi_extra=IMAGES_OPENAPI)
+async def elbo(
+    x: ImagesDep,
+    model: ModelDep,
+    settings: SettingsDep,
+    samples: Annotated[
+        int, Query(ge=1, description="draws for the reported ELBO (at most VAE_MAX_SAMPLES)")
+    ] = 1,
+    k: Annotated[
+        int | None, Query(ge=1, description="importance samples for the IWAE bound (VAE_MAX_K)")
+    ] = None,
+    seed: Annotated[int, Query(ge=0, le=MAX_SEED, description="seed of eps")] = 0,
+    score: Annotated[
+        Score | None, Query(description="anomaly score; default: the calibration's")
+    ] = None,
+    threshold: Annotated[
+        float | None,
+        Query(allow_inf_nan=False, description="anomaly threshold on the score for this request"),
+    ] = None,
+) -> ElboPublic:
+    """Score images: ELBO and its terms, optional IWAE, anomaly score, percentile and verdict."""
+    if samples > settings.max_samples:
+        raise over_limit(("query", "samples"), samples, settings.max_samples, "VAE_MAX_SAMPLES")
+    if k is not None and k > settings.max_k:
+        raise over_limit(("query", "k"), k, settings.max_k, "VAE_MAX_K")
+    chosen = score or model.manifest.default_score
+    draws = score_draws(model, chosen, samples, k)
+    limit, source = threshold_for(model, settings, chosen, threshold)
+    table = model.manifest.score_table(chosen)
+
+    def run() -> ElboPublic:
+        result = model.evaluate(x, samples=samples, k=k, score=chosen, score_draws=draws, seed=seed)
+        percentiles = (
+            percentile_of(result.score, table.percentiles, table.values)
+            if table and table.usable
+            else None
+        )
+        iwae = result.iwae.tolist() if result.iwae is not None else [None] * len(x)
+        rows = [
+            ElboResult(
+                elbo=float(result.terms.elbo[i]),
+                reconstruction=float(result.terms.reconstruction[i]),
+                kl=float(result.terms.kl[i]),
+                samples=samples,
+                iwae=iwae[i],
+                k=k,
+                anomaly_score=float(result.score[i]),
+                percentile=None if percentiles is None else float(percentiles[i]),
+                is_anomaly=None if limit is None else bool(result.score[i] > limit),
+            )
+            for i in range(len(x))
+        ]
+        return ElboPublic(
+            seed=seed,
+            score=chosen,
+            score_draws=draws,
+            threshold=limit,
+            threshold_source=source,
+            results=rows,
+        )
+
+    return await run_in_threadpool(run)

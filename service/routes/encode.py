@@ -1,0 +1,39 @@
+"""POST /encode: images -> the approximate posterior q(z|x)."""
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Query
+from starlette.concurrency import run_in_threadpool
+
+from service.deps import IMAGES_OPENAPI, ImagesDep, ModelDep, require_api_key
+from service.inference import MAX_SEED, draw_eps, fresh_seed
+from service.objective import reparameterize
+from service.schemas import EncodePublic, LatentPublic
+
+router = APIRouter(tags=["latents"], dependencies=[Depends(require_api_key)])
+
+
+@router.post("/encode", openapi_extra=IMAGES_OPENAPI)
+async def encode(
+    x: ImagesDep,
+    model: ModelDep,
+    sample: Annotated[bool, Query(description="also draw z = mu + sigma * eps")] = False,
+    seed: Annotated[
+        int | None, Query(ge=0, le=MAX_SEED, description="seed of eps; fresh when omitted")
+    ] = None,
+) -> EncodePublic:
+    """Encode images to mu and logvar of q(z|x), and a reparameterised draw z with sample=true."""
+    used_seed = (fresh_seed() if seed is None else seed) if sample else None
+
+    def run() -> EncodePublic:
+        mu, logvar = model.encode(x)  # (B, D) each
+        z = None
+        if used_seed is not None:
+            z = reparameterize(mu, logvar, draw_eps(used_seed, mu.shape)).tolist()
+        results = [
+            LatentPublic(mu=m, logvar=lv, z=None if z is None else z[i])
+            for i, (m, lv) in enumerate(zip(mu.tolist(), logvar.tolist(), strict=True))
+        ]
+        return EncodePublic(latent_dim=mu.shape[1], seed=used_seed, results=results)
+
+    return await run_in_threadpool(run)

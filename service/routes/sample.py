@@ -1,0 +1,53 @@
+"""GET /sample: z from the prior, decoded."""
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Query, Request, Response
+from starlette.concurrency import run_in_threadpool
+
+from service.deps import ModelDep, SettingsDep, over_limit, require_api_key
+from service.inference import MAX_SEED, draw_eps, fresh_seed
+from service.rendering import IMAGE_RESPONSES, choose_format, render_images
+from service.routes.decode import FORMAT_QUERY, decode_mean
+from service.schemas import ImagesPublic, OutputFormat, SamplePublic
+
+router = APIRouter(tags=["images"], dependencies=[Depends(require_api_key)])
+
+
+@router.get("/sample", response_model=SamplePublic, responses=IMAGE_RESPONSES)
+async def sample(
+    request: Request,
+    model: ModelDep,
+    settings: SettingsDep,
+    n: Annotated[int, Query(ge=1, description="images to draw (at most VAE_MAX_SAMPLE_N)")] = 16,
+    seed: Annotated[
+        int | None, Query(ge=0, le=MAX_SEED, description="seed of z; fresh when omitted")
+    ] = None,
+    temperature: Annotated[
+        float,
+        Query(gt=0, le=100, allow_inf_nan=False, description="z ~ N(0, temperature^2 I)"),
+    ] = 1.0,
+    output: Annotated[OutputFormat | None, FORMAT_QUERY] = None,
+) -> ImagesPublic | Response:
+    """Draw n images: z from the prior N(0, I) scaled by temperature, decoded."""
+    if n > settings.max_sample_n:
+        raise over_limit(("query", "n"), n, settings.max_sample_n, "VAE_MAX_SAMPLE_N")
+    fmt = choose_format(output, request.headers.get("accept"))
+    used_seed = fresh_seed() if seed is None else seed
+    model.metrics.images.labels("/sample").observe(n)
+
+    def run() -> ImagesPublic | Response:
+        z = temperature * draw_eps(used_seed, (n, model.manifest.latent_dim))
+        mean = decode_mean(model, z, ("query", "temperature"), "lower the temperature")
+        return render_images(
+            mean,
+            fmt,
+            model.manifest.likelihood,
+            public=SamplePublic,
+            headers={"X-Seed": str(used_seed)},
+            seed=used_seed,
+            temperature=temperature,
+            z=z.tolist(),
+        )
+
+    return await run_in_threadpool(run)

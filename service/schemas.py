@@ -1,0 +1,200 @@
+"""Request and response bodies, named for their role."""
+
+import base64
+import binascii
+from typing import Annotated, Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator, WithJsonSchema, model_validator
+
+from service.bundle import Manifest, ScoreName
+
+# A 28x28 black PNG, for the OpenAPI examples.
+BLACK_28X28_PNG = (
+    "iVBORw0KGgoAAAANSUhEUgAAABwAAAAcCAAAAABXZoBIAAAAEElEQVR4nGNgGAWjYBQQAwADLAABPwpG8wAAAABJ"
+    "RU5ErkJggg=="
+)
+F32 = np.ndarray[Any, np.dtype[np.float32]]
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+OutputFormat = Literal["base64", "arrays", "grid"]
+Score = ScoreName
+
+
+def _base64_image(value: object) -> bytes:
+    """Base64 text (optionally a `data:image/...;base64,` URL) -> bytes."""
+    if not isinstance(value, str):
+        raise ValueError("must be a base64 string")
+    if value.startswith("data:"):
+        header, _, value = value.partition(",")
+        if not header.endswith(";base64"):
+            raise ValueError("a data URL must be base64-encoded (data:image/png;base64,...)")
+    try:
+        return base64.b64decode("".join(value.split()), validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("is not valid base64") from None
+
+
+def _pixel_array(value: object) -> F32:
+    """Nested lists `(H, W)` or `(C, H, W)` of numbers in [0, 1] -> float32 `(C, H, W)`."""
+    if not isinstance(value, list):
+        raise ValueError("must be a nested list of numbers")
+    try:
+        array = np.asarray(value)
+    except (ValueError, RecursionError):
+        raise ValueError("is ragged or too deep: expected (H, W) or (C, H, W) lists") from None
+    if array.dtype.kind not in "biuf":
+        raise ValueError("must contain only numbers")
+    if array.ndim == 2:
+        array = array[None]
+    if array.ndim != 3 or array.shape[0] not in (1, 3) or 0 in array.shape:
+        raise ValueError(
+            f"has shape {list(np.shape(value))}; expected (height, width) or (channels, height, "
+            "width) with 1 or 3 channels"
+        )
+    if not np.isfinite(array).all():
+        raise ValueError("contains NaN or infinity")
+    low, high = float(array.min()), float(array.max())
+    if low < 0.0 or high > 1.0:
+        raise ValueError(
+            f"has values in [{low:g}, {high:g}]; pixel values must be in [0, 1] "
+            "(divide 8-bit data by 255)"
+        )
+    return array.astype(np.float32)
+
+
+Base64Image = Annotated[
+    bytes,
+    PlainValidator(_base64_image),
+    WithJsonSchema({"type": "string", "contentEncoding": "base64"}),
+]
+PixelArray = Annotated[
+    F32,
+    PlainValidator(_pixel_array),
+    WithJsonSchema({"type": "array", "items": {"type": "array"}}),
+]
+
+
+class ImagesRequest(BaseModel):
+    """A JSON body of images: base64-encoded files or nested arrays of pixel values in [0, 1]."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"images": [BLACK_28X28_PNG]},
+                {"pixels": [[[0.0, 0.5], [1.0, 0.25]]]},
+            ]
+        },
+    )
+
+    images: list[Base64Image] | None = Field(
+        default=None, min_length=1, description="base64 image files (PNG, JPEG, ...), or data: URLs"
+    )
+    pixels: list[PixelArray] | None = Field(
+        default=None,
+        min_length=1,
+        description="per image (H, W) or (C, H, W) nested lists in [0, 1]",
+    )
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "ImagesRequest":
+        if (self.images is None) == (self.pixels is None):
+            raise ValueError("give exactly one of 'images' (base64 files) or 'pixels' (arrays)")
+        return self
+
+
+class DecodeRequest(BaseModel):
+    """Latent vectors to decode, `B x latent_dim`."""
+
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [{"z": [[0.0] * 8, [1.0, -1.0] * 4]}]}
+    )
+
+    z: list[list[FiniteFloat]] = Field(min_length=1, description="B rows of latent_dim numbers")
+
+
+class LatentPublic(BaseModel):
+    """The approximate posterior q(z|x) of one image, and a draw from it when asked."""
+
+    mu: list[float]
+    logvar: list[float]
+    z: list[float] | None = Field(
+        default=None, description="mu + exp(0.5 logvar) * eps when sample=true"
+    )
+
+
+class EncodePublic(BaseModel):
+    """Posterior parameters for each image, in request order."""
+
+    latent_dim: int
+    seed: int | None = Field(default=None, description="the seed of eps when sample=true")
+    results: list[LatentPublic]
+
+
+class ImagesPublic(BaseModel):
+    """Decoded images: base64 PNGs, or the raw mean / probability arrays."""
+
+    channels: int
+    height: int
+    width: int
+    images: list[str] | None = Field(
+        default=None, description="base64 PNG per image (format=base64)"
+    )
+    arrays: list[list[list[list[float]]]] | None = Field(
+        default=None, description="(B, C, H, W) values (format=arrays)"
+    )
+    kind: Literal["probabilities", "mean"] = Field(
+        description="Bernoulli: pixel probabilities; Gaussian: the mean (unclipped in arrays)"
+    )
+
+
+class SamplePublic(ImagesPublic):
+    """Images decoded from z ~ N(0, temperature^2 I)."""
+
+    seed: int
+    temperature: float
+    z: list[list[float]]
+
+
+class ElboResult(BaseModel):
+    """Bounds on log p(x) and the anomaly verdict for one image, in nats."""
+
+    elbo: float
+    reconstruction: float = Field(description="E_q log p(x|z), the mean over `samples` draws")
+    kl: float = Field(description="KL(q(z|x) || p(z)), closed form")
+    samples: int
+    iwae: float | None = Field(
+        default=None, description="IWAE bound with k samples, when k was given"
+    )
+    k: int | None = None
+    anomaly_score: float
+    percentile: float | None = Field(
+        default=None,
+        description="of anomaly_score among the calibration set; null without calibration",
+    )
+    is_anomaly: bool | None = Field(
+        default=None, description="anomaly_score > threshold; null without one"
+    )
+
+
+class ElboPublic(BaseModel):
+    """Per-image ELBO results plus how the anomaly score was made."""
+
+    seed: int
+    score: Score
+    score_draws: int = Field(description="samples (neg_elbo) or k (neg_iwae) behind the score")
+    threshold: float | None
+    threshold_source: Literal["request", "settings", "manifest"] | None
+    results: list[ElboResult]
+
+
+class ModelPublic(Manifest):
+    """The bundle's manifest plus the runtime serving it."""
+
+    providers: list[str]
+
+
+class StatusPublic(BaseModel):
+    """Liveness / readiness."""
+
+    status: Literal["ok", "ready"]

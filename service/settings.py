@@ -1,0 +1,95 @@
+"""Server configuration from `VAE_*` environment variables, validated once at start-up."""
+
+import logging
+from collections.abc import Mapping
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Device = Literal["auto", "cpu", "cuda"]
+LogLevel = Literal["critical", "error", "warning", "info", "debug"]
+
+
+class Settings(BaseSettings):
+    """Everything the server reads from its environment; invalid values stop start-up."""
+
+    model_config = SettingsConfigDict(env_prefix="VAE_", extra="forbid", frozen=True)
+
+    bundle: Path = Field(
+        default=Path("models/mnist"),
+        description="bundle directory (manifest.json, encoder/decoder.onnx)",
+    )
+    device: Device = Field(default="auto", description="auto: CUDA when available, else CPU")
+    threads: int = Field(
+        default=1,
+        ge=0,
+        le=256,
+        description="onnxruntime intra-op threads per call (0: one per core); concurrent requests "
+        "already run in parallel on the threadpool, so 1 gives the best throughput on small CPUs",
+    )
+    max_images: int = Field(default=64, ge=1, le=4096, description="images (or z rows) per request")
+    max_upload_bytes: int = Field(
+        default=16 * 1024 * 1024, ge=1024, description="request body limit in bytes (413 above)"
+    )
+    max_pixels: int = Field(
+        default=4096 * 4096,
+        ge=1,
+        description="width x height limit of one uploaded image (413 above)",
+    )
+    max_sample_n: int = Field(default=256, ge=1, le=65536, description="largest n for GET /sample")
+    max_k: int = Field(
+        default=1000, ge=1, le=100_000, description="largest importance samples k for /elbo"
+    )
+    max_samples: int = Field(
+        default=100, ge=1, le=100_000, description="largest ELBO samples for /elbo"
+    )
+    strict_size: bool = Field(
+        default=False, description="reject images whose size differs from the model"
+    )
+    anomaly_threshold: float | None = Field(
+        default=None,
+        allow_inf_nan=False,
+        description="threshold on the default anomaly score; default: the manifest calibration",
+    )
+    api_key: SecretStr | None = Field(
+        default=None,
+        description="when set, model endpoints need X-API-Key or Authorization: Bearer",
+    )
+    log_level: LogLevel = "info"
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower_log_level(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
+
+    @field_validator("api_key")
+    @classmethod
+    def _non_empty_api_key(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value().strip():
+            raise ValueError("VAE_API_KEY is set but empty; unset it to disable authentication")
+        return value
+
+    @classmethod
+    def unknown_env(cls, environ: Mapping[str, str]) -> list[str]:
+        """`VAE_*` variables in `environ` that name no setting (likely typos)."""
+        prefix = cls.model_config.get("env_prefix", "")
+        return sorted(
+            name
+            for name in environ
+            if name.upper().startswith(prefix)
+            and name[len(prefix) :].lower() not in cls.model_fields
+        )
+
+    @property
+    def log_level_number(self) -> int:
+        """The `logging` module's number for `log_level`."""
+        return logging.getLevelNamesMapping()[self.log_level.upper()]
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process-wide settings, read from the environment once."""
+    return Settings()

@@ -1,0 +1,133 @@
+"""Decoding uploads into model arrays and encoding arrays as PNGs."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from service.imaging import ImageError, convert_channels, decode_image, grid_png, resize, to_png
+from tests.service.helpers import encode, noise, png_header_only, stroke
+
+GREY = (1, 28, 28)
+RGB = (3, 28, 28)
+LIMIT = 4096 * 4096
+
+
+def decode(
+    data: bytes, shape: tuple[int, int, int] = GREY, strict: bool = False, max_pixels: int = LIMIT
+) -> np.ndarray:
+    return decode_image(data, shape, max_pixels=max_pixels, strict=strict)
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "BMP", "TIFF", "GIF", "PPM"])
+def test_lossless_formats_round_trip(fmt: str) -> None:
+    x = stroke()
+    out = decode(encode(x, fmt))
+    assert out.shape == GREY and out.dtype == np.float32
+    np.testing.assert_array_equal(out[0], x)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "WEBP"])
+def test_lossy_formats_decode_close(fmt: str) -> None:
+    x = stroke()
+    out = decode(encode(x, fmt))
+    assert out.shape == GREY
+    assert np.abs(out[0] - x).mean() < 0.05
+
+
+def test_rgb_upload_becomes_grey_with_pillow_luma() -> None:
+    rgb = np.zeros((28, 28, 3), dtype=np.float32)
+    rgb[..., 0] = 1.0  # pure red
+    out = decode(encode(rgb))
+    np.testing.assert_allclose(out, 0.299, atol=1 / 255)
+
+
+def test_grey_upload_becomes_rgb_for_a_colour_model() -> None:
+    out = decode(encode(stroke()), RGB)
+    assert out.shape == RGB
+    np.testing.assert_array_equal(out[0], out[2])
+
+
+def test_alpha_and_palette_images_convert() -> None:
+    assert decode(encode(stroke(), mode="RGBA")).shape == GREY
+    assert decode(encode(stroke(), mode="P")).shape == GREY
+    assert decode(encode(stroke(), mode="1")).shape == GREY
+
+
+def test_sixteen_bit_grey_keeps_its_scale() -> None:
+    pixels = np.full((28, 28), 32768, dtype=np.uint16)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    np.testing.assert_allclose(decode(buffer.getvalue()), 32768 / 65535, rtol=1e-6)
+
+
+def test_other_sizes_are_resized() -> None:
+    big = np.kron(stroke(), np.ones((2, 2), dtype=np.float32))  # 56x56
+    out = decode(encode(big))
+    assert out.shape == GREY
+    assert out.min() >= 0.0 and out.max() <= 1.0
+    assert np.abs(out[0] - stroke()).mean() < 0.05
+    assert decode(encode(noise(size=10))).shape == GREY
+
+
+def test_strict_size_rejects_other_sizes() -> None:
+    with pytest.raises(
+        ImageError, match="is 56x56; the model takes 28x28 \\(VAE_STRICT_SIZE is on\\)"
+    ):
+        decode(encode(np.zeros((56, 56))), strict=True)
+    assert decode(encode(stroke()), strict=True).shape == GREY
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        (b"", "is empty \\(0 bytes\\)"),
+        (b"hello, this is text", "is not an image in a supported format"),
+        (
+            b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 28 28\n",
+            "is not an image in a supported format",
+        ),
+        (encode(noise())[:100], "could not be decoded"),
+        (encode(noise(), "JPEG")[:300], "could not be decoded"),
+    ],
+    ids=["empty", "text", "eps", "truncated-png", "truncated-jpeg"],
+)
+def test_unusable_bytes(data: bytes, message: str) -> None:
+    with pytest.raises(ImageError, match=message) as info:
+        decode(data)
+    assert info.value.status == 422
+
+
+@pytest.mark.parametrize("width, height", [(200, 200), (30000, 30000), (1, 10**9 // 3)])
+def test_pixel_bombs_are_refused_before_decoding(width: int, height: int) -> None:
+    with pytest.raises(ImageError, match="over the limit of 10000 \\(VAE_MAX_PIXELS\\)") as info:
+        decode(png_header_only(width, height), max_pixels=10_000)
+    assert info.value.status == 413
+
+
+def test_channel_conversion_and_resize_of_arrays() -> None:
+    rgb = np.zeros((3, 4, 4), dtype=np.float32)
+    rgb[1] = 1.0  # pure green
+    np.testing.assert_allclose(convert_channels(rgb, 1), 0.587 * np.ones((1, 4, 4)), rtol=1e-6)
+    assert convert_channels(np.ones((1, 4, 4), np.float32), 3).shape == (3, 4, 4)
+    resized = resize(np.ones((1, 10, 6), np.float32), 28, 28)
+    assert resized.shape == GREY
+    np.testing.assert_allclose(resized, 1.0, atol=1e-5)
+
+
+def test_png_round_trip() -> None:
+    x = stroke()[None]
+    image = Image.open(io.BytesIO(to_png(x)))
+    assert (image.format, image.mode, image.size) == ("PNG", "L", (28, 28))
+    np.testing.assert_array_equal(np.asarray(image) / 255.0, x[0])
+    rgb = Image.open(io.BytesIO(to_png(np.zeros(RGB, np.float32))))
+    assert rgb.mode == "RGB"
+
+
+@pytest.mark.parametrize("count, columns, rows", [(1, 1, 1), (4, 2, 2), (5, 3, 2), (16, 4, 4)])
+def test_grid_is_near_square(count: int, columns: int, rows: int) -> None:
+    grid = Image.open(io.BytesIO(grid_png(np.ones((count, *GREY), np.float32))))
+    assert grid.size == (columns * 30 + 2, rows * 30 + 2)

@@ -1,0 +1,127 @@
+"""The app factory: no torch, lazy loading, OpenAPI docs, and a free event loop."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+import service.main
+from service.inference import Model
+from service.main import create_app
+from service.settings import Settings
+from tests.service.conftest import MakeClient
+from tests.service.helpers import encode, files, stroke
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_serving_never_imports_torch(tiny_bundle: Path) -> None:
+    script = f"""
+import sys
+import service.main, service.cli
+from fastapi.testclient import TestClient
+from service.settings import Settings
+app = service.main.create_app(Settings(bundle={str(tiny_bundle)!r}))
+with TestClient(app) as client:
+    assert client.get("/sample", params={{"n": 2}}).status_code == 200
+    pixels = {{"pixels": [[[0.5] * 28] * 28]}}
+    assert client.post("/elbo", json=pixels, params={{"k": 4}}).status_code == 200
+heavy = sorted(m for m in ("torch", "onnx", "onnxscript", "model") if m in sys.modules)
+assert not heavy, heavy
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_import_loads_nothing() -> None:
+    script = (
+        "import sys, service.main; assert 'torch' not in sys.modules; "
+        "assert service.main._app is None"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_module_level_app_is_built_lazily(
+    monkeypatch: pytest.MonkeyPatch, tiny_bundle: Path
+) -> None:
+    monkeypatch.setattr(service.main, "_app", None)
+    monkeypatch.setattr(service.main, "get_settings", lambda: Settings(bundle=tiny_bundle))
+    app = service.main.app
+    assert service.main.app is app
+    with pytest.raises(AttributeError):
+        service.main.nothing  # noqa: B018
+
+
+def test_openapi_documents_every_route_with_examples(client: TestClient) -> None:
+    schema = client.get("/openapi.json").json()
+    assert {
+        "/encode",
+        "/decode",
+        "/sample",
+        "/elbo",
+        "/reconstruct",
+        "/healthz",
+        "/readyz",
+        "/model",
+        "/metrics",
+    } <= set(schema["paths"])
+    for path in ("/encode", "/elbo", "/reconstruct"):
+        content = schema["paths"][path]["post"]["requestBody"]["content"]
+        assert {"multipart/form-data", "application/json", "image/*"} <= set(content)
+        assert set(content["application/json"]["examples"]) == {"base64", "pixels"}
+    decode_body = schema["components"]["schemas"]["DecodeRequest"]
+    assert decode_body["examples"]
+    docs = client.get("/docs")
+    assert docs.status_code == 200 and "swagger" in docs.text.lower()
+
+
+def test_openapi_examples_work(client: TestClient) -> None:
+    schema = client.get("/openapi.json").json()
+    examples = schema["paths"]["/encode"]["post"]["requestBody"]["content"]["application/json"][
+        "examples"
+    ]
+    for example in examples.values():
+        assert client.post("/encode", json=example["value"]).status_code == 200
+    for example in schema["components"]["schemas"]["DecodeRequest"]["examples"]:
+        assert client.post("/decode", json=example).status_code == 200
+
+
+def test_inference_does_not_block_the_event_loop(
+    make_client: MakeClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    original = Model.encode
+
+    def slow_encode(self: Model, x):  # type: ignore[no-untyped-def]
+        time.sleep(1.0)  # stands in for a long onnxruntime call
+        return original(self, x)
+
+    monkeypatch.setattr(Model, "encode", slow_encode)
+    with make_client() as client:
+        slow = threading.Thread(
+            target=lambda: client.post("/encode", files=files(encode(stroke())))
+        )
+        slow.start()
+        time.sleep(0.2)
+        start = time.perf_counter()
+        assert client.get("/healthz").status_code == 200
+        assert time.perf_counter() - start < 0.5
+        slow.join()
+
+
+def test_unknown_settings_are_logged(
+    tiny_bundle: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("VAE_MAX_IMAGE", "3")
+    create_app(Settings(bundle=tiny_bundle))
+    assert "ignoring unknown settings (typo?): VAE_MAX_IMAGE" in caplog.text

@@ -1,0 +1,169 @@
+"""The numpy objective equals the torch one in model/objective.py given the same eps."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from service import objective
+from service.bundle import load_bundle
+from service.inference import Model, draw_eps
+from service.metrics import Metrics
+from tests.service.helpers import noise, stroke
+
+torch = pytest.importorskip("torch")
+model_objective = pytest.importorskip("model.objective")
+
+RTOL = 1e-4
+
+
+def _images() -> np.ndarray:
+    return np.stack([stroke(6), stroke(15), noise(1), np.zeros((28, 28), np.float32)])[:, None]
+
+
+@pytest.mark.parametrize("bundle_name", ["tiny_bundle", "tiny_gaussian_bundle"])
+def test_elbo_and_iwae_match_torch(bundle_name: str, request: pytest.FixtureRequest) -> None:
+    bundle = load_bundle(request.getfixturevalue(bundle_name))
+    manifest = bundle.manifest
+    model = Model(bundle, Metrics())
+    x = _images()  # (B, 1, 28, 28)
+    S, K = 3, 16
+    mu, logvar = model.encode(x)
+    eps = draw_eps(7, (K, len(x), manifest.latent_dim))
+
+    # service: one shared draw, prefixes for the ELBO (S) and IWAE (K)
+    z = objective.reparameterize(mu, logvar, eps)
+    log_px = model.log_px(x, z)
+    terms = objective.elbo(log_px[:S], objective.kl_divergence(mu, logvar))
+    bound = objective.iwae(log_px, z, mu, logvar)
+    evaluation = model.evaluate(x, samples=S, k=K, score="neg_elbo", score_draws=S, seed=7)
+
+    def decode(zt: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(bundle.decode(zt.numpy()))
+
+    args = (torch.from_numpy(x), torch.from_numpy(mu), torch.from_numpy(logvar))
+    sigma = manifest.sigma or 1.0
+    expected = model_objective.elbo(
+        decode, *args, torch.from_numpy(eps[:S]), manifest.likelihood, sigma
+    )
+    expected_iwae = model_objective.iwae(
+        decode, *args, torch.from_numpy(eps), manifest.likelihood, sigma
+    )
+
+    for name in ("elbo", "reconstruction", "kl"):
+        want = getattr(expected, name).double().numpy()
+        np.testing.assert_allclose(getattr(terms, name), want, rtol=RTOL, err_msg=name)
+        np.testing.assert_allclose(getattr(evaluation.terms, name), want, rtol=RTOL, err_msg=name)
+    np.testing.assert_allclose(bound, expected_iwae.double().numpy(), rtol=RTOL)
+    assert evaluation.iwae is not None
+    np.testing.assert_allclose(evaluation.iwae, expected_iwae.double().numpy(), rtol=RTOL)
+    np.testing.assert_allclose(evaluation.score, -expected.elbo.double().numpy(), rtol=RTOL)
+
+
+@pytest.mark.parametrize("likelihood, sigma", [("bernoulli", None), ("gaussian", 0.3)])
+def test_pure_functions_match_torch(likelihood: str, sigma: float | None) -> None:
+    rng = np.random.default_rng(0)
+    x = rng.random((2, 3, 5, 4), dtype=np.float32)
+    out = rng.standard_normal((6, 2, 3, 5, 4), dtype=np.float32) * 3
+    mu = rng.standard_normal((2, 7), dtype=np.float32)
+    logvar = rng.standard_normal((2, 7), dtype=np.float32)
+    eps = rng.standard_normal((6, 2, 7), dtype=np.float32)
+    t = torch.from_numpy
+
+    np.testing.assert_allclose(
+        objective.log_likelihood(x, out, likelihood, sigma),
+        model_objective.log_likelihood(t(x), t(out), likelihood, sigma or 1.0).numpy(),
+        rtol=RTOL,
+    )
+    np.testing.assert_allclose(
+        objective.kl_divergence(mu, logvar),
+        model_objective.kl_divergence(t(mu), t(logvar)).numpy(),
+        rtol=RTOL,
+    )
+    z = objective.reparameterize(mu, logvar, eps)
+    np.testing.assert_allclose(
+        z, model_objective.reparameterize(t(mu), t(logvar), t(eps)).numpy(), rtol=1e-5, atol=1e-6
+    )
+    np.testing.assert_allclose(
+        objective.log_normal(z, mu, logvar),
+        model_objective.log_normal(t(z), t(mu), t(logvar)).numpy(),
+        rtol=RTOL,
+    )
+    zeros = torch.zeros_like(t(mu))
+    np.testing.assert_allclose(
+        objective.log_normal(z), model_objective.log_normal(t(z), zeros, zeros).numpy(), rtol=RTOL
+    )
+
+
+def test_iwae_with_one_sample_is_the_elbo_estimate() -> None:
+    rng = np.random.default_rng(1)
+    log_px = rng.standard_normal((1, 4)) * 10
+    mu = rng.standard_normal((4, 3), dtype=np.float32)
+    logvar = rng.standard_normal((4, 3), dtype=np.float32)
+    z = objective.reparameterize(mu, logvar, rng.standard_normal((1, 4, 3), dtype=np.float32))
+    # with k = 1: log p(x|z) + log p(z) - log q(z|x), whose expectation is the ELBO
+    expected = log_px[0] + objective.log_normal(z[0]) - objective.log_normal(z[0], mu, logvar)
+    np.testing.assert_allclose(objective.iwae(log_px, z, mu, logvar), expected, rtol=1e-9)
+
+
+def test_iwae_is_at_least_the_elbo_on_shared_draws() -> None:
+    rng = np.random.default_rng(2)
+    mu = rng.standard_normal((4, 3), dtype=np.float32)
+    logvar = rng.standard_normal((4, 3), dtype=np.float32)
+    z = objective.reparameterize(mu, logvar, rng.standard_normal((8, 4, 3), dtype=np.float32))
+    log_px = rng.standard_normal((8, 4)) * 10
+    kl = objective.kl_divergence(mu, logvar)
+    # Jensen: log mean w >= mean log w, and mean log w is the ELBO estimate up to KL's closed form
+    log_w = log_px + objective.log_normal(z) - objective.log_normal(z, mu, logvar)
+    assert (objective.iwae(log_px, z, mu, logvar) >= log_w.mean(axis=0) - 1e-9).all()
+    assert objective.elbo(log_px, kl).elbo.shape == (4,)
+
+
+def test_likelihood_mean() -> None:
+    logits = np.array([-1000.0, 0.0, 1000.0], dtype=np.float32)
+    np.testing.assert_allclose(objective.likelihood_mean(logits, "bernoulli"), [0.0, 0.5, 1.0])
+    mean = np.array([-0.5, 2.0], dtype=np.float32)
+    np.testing.assert_array_equal(objective.likelihood_mean(mean, "gaussian"), mean)
+
+
+def test_gaussian_needs_sigma() -> None:
+    x = np.zeros((1, 1, 2, 2), dtype=np.float32)
+    with pytest.raises(ValueError, match="positive sigma"):
+        objective.log_likelihood(x, x, "gaussian", None)
+
+
+@pytest.mark.parametrize(
+    "score, expected",
+    [(5.0, 0.0), (10.0, 0.0), (15.0, 25.0), (20.0, 50.0), (40.0, 100.0), (41.0, 100.0)],
+)
+def test_percentile_interpolates_in_the_table(score: float, expected: float) -> None:
+    percentiles, values = [0.0, 50.0, 100.0], [10.0, 20.0, 40.0]
+    assert objective.percentile_of(np.array([score]), percentiles, values)[0] == pytest.approx(
+        expected
+    )
+
+
+def test_value_at_percentile() -> None:
+    assert objective.value_at(75.0, [0.0, 50.0, 100.0], [10.0, 20.0, 40.0]) == pytest.approx(30.0)
+
+
+def test_draws_share_prefixes() -> None:
+    long = draw_eps(3, (10, 4, 8))
+    np.testing.assert_array_equal(long[:3], draw_eps(3, (3, 4, 8)))
+    assert long.dtype == np.float32
+
+
+def test_the_calibration_table_is_reproduced(tiny_bundle: Path) -> None:
+    """The bundle's neg_elbo quantiles and the service's scores describe the same distribution."""
+    bundle = load_bundle(tiny_bundle)
+    table = bundle.manifest.calibration.scores["neg_elbo"]  # type: ignore[union-attr]
+    x = np.stack([stroke(6 + i % 16) for i in range(64)])[:, None]  # the fixture's calibration set
+    scores = (
+        Model(bundle, Metrics())
+        .evaluate(x, samples=1, k=None, score="neg_elbo", score_draws=1, seed=0)
+        .score
+    )
+    median = objective.value_at(50.0, table.percentiles, table.values)
+    assert abs(float(np.median(scores)) - median) / median < 0.05

@@ -1,0 +1,35 @@
+"""POST /reconstruct."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from tests.service.helpers import encode, files, stroke
+
+
+def test_reconstruction_is_the_decoded_mean(client: TestClient) -> None:
+    png = encode(stroke())
+    response = client.post("/reconstruct", params={"format": "arrays"}, files=files(png))
+    assert response.status_code == 200
+    arrays = np.array(response.json()["arrays"])
+    mu = client.post("/encode", files=files(png)).json()["results"][0]["mu"]
+    decoded = client.post("/decode", params={"format": "arrays"}, json={"z": [mu]}).json()["arrays"]
+    np.testing.assert_allclose(arrays, decoded, rtol=1e-5, atol=1e-6)
+
+
+def test_reconstruction_formats(client: TestClient) -> None:
+    body = client.post("/reconstruct", files=files(encode(stroke()))).json()
+    image = Image.open(io.BytesIO(base64.b64decode(body["images"][0])))
+    assert (image.format, image.size) == ("PNG", (28, 28))
+    grid = client.post(
+        "/reconstruct",
+        files=files(encode(stroke()), encode(stroke(9))),
+        headers={"Accept": "image/png"},
+    )
+    assert grid.headers["content-type"] == "image/png"
+    assert Image.open(io.BytesIO(grid.content)).size == (62, 32)
