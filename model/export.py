@@ -163,6 +163,7 @@ def export_bundle(
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it 0700; a bundle is read by the server's own user
     try:
         cfg = model.cfg
         _export_onnx(
