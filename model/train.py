@@ -214,27 +214,26 @@ def train(cfg: VAEConfig, tc: TrainConfig) -> TrainResult:
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     start_epoch, best, history, since_best = 1, -math.inf, [], 0
-    if tc.resume:
-        ckpt = load_checkpoint(Path(tc.resume))
+
+    def matching_checkpoint(path: str, flag: str) -> dict[str, Any]:
+        ckpt = load_checkpoint(Path(path))
         if ckpt["config"] != cfg.to_dict():
             raise ValueError(
-                f"--resume {tc.resume}: checkpoint was trained with a different architecture "
+                f"{flag} {path}: checkpoint was trained with a different architecture "
                 f"({ckpt['config']}) than the one asked for ({cfg.to_dict()})"
             )
         model.load_state_dict(ckpt["model"])
+        return ckpt
+
+    if tc.resume:
+        ckpt = matching_checkpoint(tc.resume, "--resume")
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
         start_epoch, best = ckpt["epoch"] + 1, ckpt["best_val_bound"]
         history, since_best = ckpt["history"], ckpt.get("since_best", 0)
         log.info("resumed from %s at epoch %d", tc.resume, start_epoch)
     elif tc.init_from:
-        ckpt = load_checkpoint(Path(tc.init_from))
-        if ckpt["config"] != cfg.to_dict():
-            raise ValueError(
-                f"--init-from {tc.init_from}: checkpoint was trained with a different "
-                f"architecture ({ckpt['config']}) than the one asked for ({cfg.to_dict()})"
-            )
-        model.load_state_dict(ckpt["model"])
+        matching_checkpoint(tc.init_from, "--init-from")
         log.info("starting from the weights of %s", tc.init_from)
 
     if rank == 0:  # only now that data, config and checkpoint are known to be good

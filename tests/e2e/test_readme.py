@@ -5,15 +5,13 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 from PIL import Image
 
-from tests.e2e.test_server import DEFAULT_BUNDLE, REPO, serve, stop
+from tests.e2e.test_server import DEFAULT_BUNDLE, REPO, serve, stop, wait_ready
 
 README = REPO / "README.md"
 
@@ -26,18 +24,7 @@ def readme_curls() -> list[str]:
 @pytest.fixture(scope="module")
 def base_url() -> Iterator[str]:
     process, url = serve(DEFAULT_BUNDLE)
-    deadline = time.monotonic() + 60
-    while True:
-        if process.poll() is not None:
-            pytest.fail(f"the server exited:\n{stop(process)}")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            pytest.fail(f"not ready within 60 s:\n{stop(process)}")
-        time.sleep(0.2)
+    wait_ready(process, url)
     yield url
     stop(process)
 

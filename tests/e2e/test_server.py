@@ -68,6 +68,22 @@ def stop(process: subprocess.Popen[str]) -> str:
     return output
 
 
+def wait_ready(process: subprocess.Popen[str], url: str, timeout: float = START_TIMEOUT) -> None:
+    """Poll /readyz until 200; fail with the server's output if it exits or takes too long."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if process.poll() is not None:
+            pytest.fail(f"the server exited with {process.returncode}:\n{stop(process)}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=5.0).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            pytest.fail(f"the server was not ready within {timeout} s:\n{stop(process)}")
+        time.sleep(0.2)
+
+
 @pytest.fixture(scope="module")
 def bundle(request: pytest.FixtureRequest) -> Path:
     """The shipped default bundle if present, else the tiny one."""
@@ -79,19 +95,8 @@ def bundle(request: pytest.FixtureRequest) -> Path:
 @pytest.fixture(scope="module")
 def server(bundle: Path) -> Iterator[httpx.Client]:
     process, url = serve(bundle, env={"VAE_MAX_UPLOAD_BYTES": str(UPLOAD_LIMIT)})
-    deadline = time.monotonic() + START_TIMEOUT
+    wait_ready(process, url)
     with httpx.Client(base_url=url, timeout=30.0) as client:
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"the server exited with {process.returncode}:\n{stop(process)}")
-            try:
-                if client.get("/readyz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"the server was not ready within {START_TIMEOUT} s:\n{stop(process)}")
-            time.sleep(0.2)
         yield client
     output = stop(process)
     # uvicorn shuts down gracefully, then re-raises SIGTERM so the exit status reports it
