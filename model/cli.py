@@ -105,6 +105,12 @@ def _export_parser(sub: Any) -> None:
     p.add_argument("--data", help="data for calibration and metrics (default: the training data)")
     p.add_argument("--calibration-k", type=int, default=64, help="k for the -IWAE score table")
     p.add_argument(
+        "--default-score",
+        choices=["neg_elbo", "neg_iwae", "recon_error"],
+        default="neg_elbo",
+        help="the anomaly score /elbo uses when asked for none",
+    )
+    p.add_argument(
         "--eval-k",
         type=int,
         default=0,
@@ -212,6 +218,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         metrics=metrics,
         calibration_description=f"validation split of {source}, raw intensities",
         calibration_k=args.calibration_k,
+        default_score=args.default_score,
         overwrite=args.overwrite,
     )
     print(args.out)

@@ -107,10 +107,11 @@ def check_onnx(model: VAE, directory: Path, batch: int = 7, seed: int = 0) -> fl
 def anomaly_scores(
     model: VAE, x: torch.Tensor, samples: int = 1, k: int = 64, seed: int = 0, batch: int = 500
 ) -> dict[str, np.ndarray]:
-    """-ELBO (S samples) and -IWAE (k samples) per image on raw intensities, as served."""
+    """-ELBO (S samples), -IWAE (k samples) and the squared reconstruction error at z = mu per
+    image, on raw intensities, as the server computes them."""
     g = torch.Generator().manual_seed(seed)
     cfg, sigma = model.cfg, model.log_sigma.exp()
-    neg_elbo, neg_iwae = [], []
+    neg_elbo, neg_iwae, recon_error = [], [], []
     for i in range(0, len(x), batch):
         xb = x[i : i + batch]
         mu, logvar = model.encode(xb)
@@ -118,13 +119,32 @@ def anomaly_scores(
         neg_elbo.append(-elbo(model.decode, xb, mu, logvar, eps, cfg.likelihood, sigma).elbo)
         eps = torch.randn((k, *mu.shape), generator=g)
         neg_iwae.append(-iwae(model.decode, xb, mu, logvar, eps, cfg.likelihood, sigma, chunk=16))
-    return {"neg_elbo": torch.cat(neg_elbo).numpy(), "neg_iwae": torch.cat(neg_iwae).numpy()}
+        mean = model.decode(mu)
+        if cfg.likelihood == "bernoulli":
+            mean = torch.sigmoid(mean)
+        recon_error.append((xb - mean).pow(2).flatten(1).sum(1))
+    return {
+        "neg_elbo": torch.cat(neg_elbo).numpy(),
+        "neg_iwae": torch.cat(neg_iwae).numpy(),
+        "recon_error": torch.cat(recon_error).numpy(),
+    }
+
+
+SCORES = ("neg_elbo", "neg_iwae", "recon_error")
 
 
 def calibrate(
-    model: VAE, x: torch.Tensor, description: str, samples: int = 1, k: int = 64, seed: int = 0
+    model: VAE,
+    x: torch.Tensor,
+    description: str,
+    samples: int = 1,
+    k: int = 64,
+    seed: int = 0,
+    default_score: str = "neg_elbo",
 ) -> dict[str, Any]:
     """Quantiles of each anomaly score on held-out normal images (docs/BUNDLE.md)."""
+    if default_score not in SCORES:
+        raise ValueError(f"default score must be one of {SCORES}, got {default_score!r}")
     scores = anomaly_scores(model, x, samples=samples, k=k, seed=seed)
 
     def table(s: np.ndarray) -> dict[str, Any]:
@@ -133,11 +153,12 @@ def calibrate(
     return {
         "data": description,
         "images": len(x),
-        "default_score": "neg_elbo",
+        "default_score": default_score,
         "threshold_percentile": 99.0,
         "scores": {
             "neg_elbo": {"samples": samples, "seed": seed, **table(scores["neg_elbo"])},
             "neg_iwae": {"k": k, "seed": seed, **table(scores["neg_iwae"])},
+            "recon_error": table(scores["recon_error"]),
         },
     }
 
@@ -154,6 +175,7 @@ def export_bundle(
     metrics: dict[str, Any] | None = None,
     calibration_description: str = "held-out validation images, raw intensities",
     calibration_k: int = 64,
+    default_score: str = "neg_elbo",
     overwrite: bool = False,
 ) -> Path:
     """Write the bundle into a temporary sibling of `out` and rename it into place."""
@@ -199,7 +221,11 @@ def export_bundle(
                 for f in ("encoder.onnx", "decoder.onnx")
             },
             "calibration": calibrate(
-                model, calibration_images, calibration_description, k=calibration_k
+                model,
+                calibration_images,
+                calibration_description,
+                k=calibration_k,
+                default_score=default_score,
             ),
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")

@@ -94,6 +94,7 @@ def serve(args: argparse.Namespace) -> int:
         port=args.port,
         workers=args.workers,
         log_level=settings.log_level,
+        timeout_graceful_shutdown=settings.shutdown_timeout_s or None,
     )
     return 0
 

@@ -1,18 +1,24 @@
 """Model operations on whole batches: each is one batched onnxruntime call per network.
 
 These functions are synchronous and CPU-bound; routes run them in a worker thread (onnxruntime
-releases the GIL), never on the event loop.
+releases the GIL), never on the event loop. With micro-batching on, a call's rows may share one
+onnxruntime call with other requests' rows (service/batching.py); eps is always drawn per request
+from the request's own seed, so results never depend on what a request was batched with.
 """
 
+import os
 import secrets
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from service import objective
+from service.batching import Batcher, RowFunction
 from service.bundle import MAX_DECODE_ROWS, Bundle, ScoreName
 from service.metrics import Metrics
+from service.settings import Settings
 
 F32 = objective.F32
 F64 = objective.F64
@@ -42,23 +48,103 @@ class Evaluation:
     score: F64
 
 
-class Model:
-    """A loaded bundle plus the metrics its calls report to."""
+@dataclass(frozen=True)
+class BatchPolicy:
+    """How concurrent calls of a network are gathered (service/batching.py)."""
 
-    def __init__(self, bundle: Bundle, metrics: Metrics) -> None:
+    max_batch_size: int
+    max_delay_s: float
+    max_queue: int
+    workers: int
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "BatchPolicy | None":
+        """The policy `VAE_BATCHING` and friends ask for; None when batching is off."""
+        if not settings.batching:
+            return None
+        # onnxruntime uses `threads` cores per call: enough workers to keep every core busy
+        cpus = available_cpus()
+        return cls(
+            max_batch_size=settings.max_batch_size,
+            max_delay_s=settings.max_batch_delay_ms / 1000,
+            max_queue=settings.max_queue,
+            workers=max(1, cpus // (settings.threads or cpus)),
+        )
+
+
+def available_cpus(cgroup: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+    """Cores this process may use: its CPU affinity, capped by a cgroup v2 quota (containers)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    try:
+        quota, period = cgroup.read_text().split()[:2]
+        if quota != "max":
+            return max(1, min(cpus or 1, int(quota) // int(period)))
+    except (OSError, ValueError):
+        pass
+    return max(1, cpus or 1)
+
+
+class Model:
+    """A loaded bundle plus the metrics its calls report to, optionally micro-batched.
+
+    One Model serves one bundle for its whole life; a reload builds a new Model and swaps it in,
+    so requests holding the old one finish on it.
+    """
+
+    def __init__(
+        self, bundle: Bundle, metrics: Metrics, batching: BatchPolicy | None = None
+    ) -> None:
         self.bundle = bundle
         self.manifest = bundle.manifest
         self.metrics = metrics
+        self._encoder: Batcher | None = None
+        self._decoder: Batcher | None = None
+        if batching is not None:
+            self._encoder = self._batcher("encoder", self._run_encoder, batching)
+            self._decoder = self._batcher("decoder", self._run_decoder, batching)
 
-    def encode(self, x: F32) -> tuple[F32, F32]:
-        """`x (B, C, H, W)` -> `mu, logvar (B, D)`."""
+    def _batcher(self, network: str, fn: RowFunction, policy: BatchPolicy) -> Batcher:
+        return Batcher(
+            network,
+            fn,
+            max_batch_size=policy.max_batch_size,
+            max_delay_s=policy.max_delay_s,
+            max_queue=policy.max_queue,
+            workers=policy.workers,
+            queue_time=self.metrics.queue_time.labels(network),
+        )
+
+    def _run_encoder(self, x: F32) -> tuple[F32, F32]:
         with self.metrics.time_inference("encoder", len(x)):
             return self.bundle.encode(x)
 
-    def decode(self, z: F32) -> F32:
-        """`z (N, D)` -> decoder output `(N, C, H, W)`."""
+    def _run_decoder(self, z: F32) -> tuple[F32]:
         with self.metrics.time_inference("decoder", len(z)):
-            return self.bundle.decode(z)
+            return (self.bundle.decode(z),)
+
+    @property
+    def batching(self) -> bool:
+        """Whether network calls go through the micro-batcher."""
+        return self._encoder is not None
+
+    def close(self) -> None:
+        """Stop the batchers after their queues drain; later calls run unbatched."""
+        for batcher in (self._encoder, self._decoder):
+            if batcher is not None:
+                batcher.close()
+
+    def encode(self, x: F32) -> tuple[F32, F32]:
+        """`x (B, C, H, W)` -> `mu, logvar (B, D)`; QueueFull when the batch queue is full."""
+        if self._encoder is None:
+            return self._run_encoder(x)
+        mu, logvar = self._encoder(x)
+        return mu, logvar
+
+    def decode(self, z: F32) -> F32:
+        """`z (N, D)` -> decoder output `(N, C, H, W)`; QueueFull when the batch queue is full."""
+        if self._decoder is None:
+            return self._run_decoder(z)[0]
+        return self._decoder(z)[0]
 
     def decode_mean(self, z: F32) -> F32:
         """`z (N, D)` -> the mean of p(x|z), `(N, C, H, W)`; ValueError if it is not finite."""
@@ -110,8 +196,10 @@ class Model:
         iwae = objective.iwae(log_px[:k], z[:k], mu, logvar) if k else None
         if score == "neg_elbo":
             values = -objective.elbo(log_px[:score_draws], kl).elbo
-        else:
+        elif score == "neg_iwae":
             values = -objective.iwae(log_px[:score_draws], z[:score_draws], mu, logvar)
+        else:  # recon_error: deterministic, the decoder's mean at z = mu
+            values = objective.squared_error(x, self.decode_mean(mu))
         return Evaluation(terms=terms, iwae=iwae, score=values)
 
     def reconstruct(self, x: F32) -> F32:

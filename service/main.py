@@ -4,11 +4,15 @@ Run with `vae serve`, or `uvicorn service.main:create_app --factory`. Importing 
 nothing and never imports torch.
 """
 
+import asyncio
 import json
 import logging
 import os
-from collections.abc import AsyncIterator
+import signal
+import threading
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from types import FrameType
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
@@ -16,13 +20,18 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
+from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import __version__
-from service.bundle import BundleError, load_bundle
-from service.inference import Model
+from service.batching import QueueFull
+from service.bundle import BundleError
 from service.metrics import Metrics, MetricsMiddleware
-from service.routes import decode, elbo, encode, health, model, reconstruct, sample
+from service.reload import install_sighup, load_model, publish, remove_sighup
+from service.routes import admin, decode, elbo, encode, health, model, reconstruct, sample
+from service.routes.demo import router as demo_router
+from service.routes.interpolate import router as interpolate_router
+from service.routes.v2 import router as v2_router
 from service.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -100,6 +109,51 @@ async def validation_error_handler(request: Request, exc: Exception) -> JSONResp
     return JSONResponse({"detail": jsonable_encoder(errors)}, status_code=422)
 
 
+async def busy_handler(request: Request, exc: Exception) -> JSONResponse:
+    """503 with Retry-After when the micro-batch queue is full."""
+    return JSONResponse({"detail": str(exc)}, status_code=503, headers={"Retry-After": "1"})
+
+
+def drain_first(app: FastAPI, delay_s: float) -> Callable[[], None]:
+    """Wrap the server's SIGTERM/SIGINT handlers (uvicorn's): readiness turns false first.
+
+    On the signal /readyz answers 503 at once; after `delay_s` (SIGTERM only; a second signal
+    skips the wait) the signal reaches uvicorn, which stops accepting connections, lets in-flight
+    requests finish (`timeout_graceful_shutdown`) and then runs the lifespan shutdown. Returns a
+    function that restores the wrapped handlers. A no-op off the main thread (TestClient).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    loop = asyncio.get_running_loop()
+    previous: dict[int, Any] = {
+        sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)
+    }
+
+    def handle(sig: int, frame: FrameType | None) -> None:
+        first = not app.state.draining
+        app.state.draining = True
+        app.state.metrics.ready.set(0)
+        handler = previous[sig]
+        assert callable(handler)
+        if first and sig == signal.SIGTERM and delay_s > 0:
+            log.info("SIGTERM: not ready; draining in %.1f s", delay_s)
+            loop.call_soon_threadsafe(loop.call_later, delay_s, handler, sig, None)
+        else:
+            log.info("%s: not ready; draining in-flight requests", signal.Signals(sig).name)
+            handler(sig, frame)
+
+    for sig, handler in previous.items():
+        if callable(handler):  # only a server's handler is wrapped, never the default action
+            signal.signal(sig, handle)
+
+    def restore() -> None:
+        for sig, handler in previous.items():
+            if callable(handler):
+                signal.signal(sig, handler)
+
+    return restore
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app; nothing is loaded until the lifespan starts."""
     settings = settings or get_settings()
@@ -111,22 +165,27 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         try:
-            bundle = await run_in_threadpool(
-                load_bundle, settings.bundle, device=settings.device, threads=settings.threads
-            )
-            await run_in_threadpool(bundle.warm_up)
+            app.state.model = await load_model(settings.bundle, settings, metrics)
         except BundleError as exc:
             log.error("cannot start: %s", exc)
             raise
-        app.state.model = Model(bundle, metrics)
-        metrics.bundle_info.labels(**app.state.model.info()).set(1)
+        publish(metrics, None, app.state.model)
+        app.state.draining = False
         metrics.ready.set(1)
-        log.info("ready: serving %s %s", bundle.manifest.name, bundle.manifest.version)
+        restore_signals = drain_first(app, settings.shutdown_delay_s)
+        sighup = install_sighup(app)
+        manifest = app.state.model.manifest
+        log.info("ready: serving %s %s", manifest.name, manifest.version)
         try:
             yield
-        finally:
+        finally:  # uvicorn has stopped accepting and drained in-flight requests by now
+            app.state.draining = True
             metrics.ready.set(0)
-            app.state.model = None
+            if sighup:
+                remove_sighup()
+            restore_signals()
+            served, app.state.model = app.state.model, None
+            await run_in_threadpool(served.close)
 
     app = FastAPI(
         title="VAE server",
@@ -137,9 +196,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.model = None
+    app.state.draining = False
+    app.state.reload_lock = asyncio.Lock()
     for module in (encode, decode, sample, elbo, reconstruct, model, health):
         app.include_router(module.router)
+    app.include_router(interpolate_router)
+    app.include_router(demo_router)
+    app.include_router(admin.router)
+    app.include_router(v2_router)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
+    app.add_exception_handler(QueueFull, busy_handler)
     default_openapi = app.openapi
 
     def openapi() -> dict[str, Any]:
@@ -153,6 +219,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app.openapi = openapi  # type: ignore[method-assign]
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type", "X-API-Key"],
+            expose_headers=["X-Seed", "Retry-After"],
+        )
     app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: sees every status
     return app
 

@@ -10,6 +10,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096, 16384, 65536)
+QUEUE_BUCKETS = (0.0001, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 UNMATCHED = "<unmatched>"
 
 
@@ -50,6 +51,19 @@ class Metrics:
             "Images (or latent vectors) per request, by endpoint.",
             ["endpoint"],
             buckets=BATCH_BUCKETS,
+            registry=self.registry,
+        )
+        self.queue_time = Histogram(
+            "vae_batch_queue_seconds",
+            "Time a request's rows waited in the micro-batch queue, by network.",
+            ["network"],
+            buckets=QUEUE_BUCKETS,
+            registry=self.registry,
+        )
+        self.reloads = Counter(
+            "vae_model_reloads",
+            "Model reloads (POST /admin/reload, SIGHUP) by result.",
+            ["result"],
             registry=self.registry,
         )
         self.ready = Gauge(

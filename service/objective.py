@@ -84,6 +84,12 @@ def iwae(log_px: F64, z: F32, mu: F32, logvar: F32) -> F64:
     return bound
 
 
+def squared_error(x: F32, mean: F32) -> F64:
+    """sum over pixels of (x - mean)^2: `x, mean (B, C, H, W)` -> `(B,)`; the recon_error score."""
+    err: F64 = np.sum(np.square(x - mean), axis=IMAGE_AXES, dtype=np.float64)
+    return err
+
+
 def likelihood_mean(out: F32, likelihood: Likelihood) -> F32:
     """The mean of p(x|z) from the decoder output: sigmoid(logits) or the Gaussian mean."""
     if likelihood == "bernoulli":

@@ -182,7 +182,9 @@ class ElboPublic(BaseModel):
 
     seed: int
     score: Score
-    score_draws: int = Field(description="samples (neg_elbo) or k (neg_iwae) behind the score")
+    score_draws: int = Field(
+        description="samples (neg_elbo) or k (neg_iwae) behind the score; 0 for recon_error"
+    )
     threshold: float | None
     threshold_source: Literal["request", "settings", "manifest"] | None
     results: list[ElboResult]

@@ -4,10 +4,10 @@ import logging
 from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 Device = Literal["auto", "cpu", "cuda"]
 LogLevel = Literal["critical", "error", "warning", "info", "debug"]
@@ -59,6 +59,59 @@ class Settings(BaseSettings):
         description="when set, model endpoints need X-API-Key or Authorization: Bearer",
     )
     log_level: LogLevel = "info"
+    # on by default, measured with bench/serving.py: with no added wait (max_batch_delay_ms=0) it
+    # costs nothing at concurrency 1 and saves onnxruntime calls under load
+    batching: bool = Field(
+        default=True,
+        description="gather concurrent requests' rows into one onnxruntime call per network",
+    )
+    max_batch_size: int = Field(
+        default=64, ge=1, le=65536, description="most rows in one micro-batch (VAE_BATCHING)"
+    )
+    max_batch_delay_ms: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=1000.0,
+        allow_inf_nan=False,
+        description="longest the first request of a micro-batch waits for more rows; 0: batch "
+        "only what queued while the workers were busy (no added latency when idle)",
+    )
+    max_queue: int = Field(
+        default=256,
+        ge=1,
+        le=1_000_000,
+        description="requests waiting per network for a micro-batch; 503 + Retry-After above",
+    )
+    admin_open: bool = Field(
+        default=False,
+        description="allow /admin without VAE_API_KEY (only on a trusted network)",
+    )
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default=[],
+        description="comma-separated browser origins allowed by CORS ('*' for any); empty: off",
+    )
+    shutdown_delay_s: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=300.0,
+        allow_inf_nan=False,
+        description="on SIGTERM, seconds to keep serving with /readyz at 503 before draining, so "
+        "load balancers stop sending traffic first",
+    )
+    shutdown_timeout_s: int = Field(
+        default=30,
+        ge=0,
+        le=3600,
+        description="longest uvicorn waits for in-flight requests after SIGTERM, in whole "
+        "seconds (vae serve; 0: no limit)",
+    )
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [origin.strip() for origin in value.split(",") if origin.strip()]
+        return value
 
     @field_validator("log_level", mode="before")
     @classmethod

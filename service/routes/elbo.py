@@ -26,6 +26,8 @@ ThresholdSource = Literal["request", "settings", "manifest"]
 
 def score_draws(model: Model, score: Score, samples: int, k: int | None) -> int:
     """Draws behind the anomaly score: the calibration's, so scores compare with its table."""
+    if score == "recon_error":
+        return 0  # deterministic: the decoder's mean at z = mu
     table = model.manifest.score_table(score)
     if score == "neg_elbo":
         return table.samples if table and table.samples else samples

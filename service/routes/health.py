@@ -15,11 +15,16 @@ async def healthz() -> StatusPublic:
     return StatusPublic(status="ok")
 
 
-@router.get("/readyz", responses={503: {"description": "bundle not loaded or not warmed up"}})
+@router.get(
+    "/readyz",
+    responses={503: {"description": "bundle not loaded or warmed up, or shutting down"}},
+)
 async def readyz(request: Request) -> StatusPublic:
-    """The bundle is loaded and a warm-up inference has run; 503 before."""
+    """The bundle is loaded and a warm-up inference has run; 503 before and while shutting down."""
     if request.app.state.model is None:
         raise HTTPException(status_code=503, detail="not ready: the model bundle is not loaded")
+    if request.app.state.draining:
+        raise HTTPException(status_code=503, detail="not ready: shutting down")
     return StatusPublic(status="ready")
 
 

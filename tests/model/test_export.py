@@ -78,7 +78,7 @@ def test_manifest(tiny_bundle: Path) -> None:
         assert m["files"][name] == {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
     cal = m["calibration"]
     assert cal["default_score"] == "neg_elbo" and cal["threshold_percentile"] == 99.0
-    for score in ("neg_elbo", "neg_iwae"):
+    for score in ("neg_elbo", "neg_iwae", "recon_error"):
         table = cal["scores"][score]
         assert len(table["percentiles"]) == len(table["values"]) == 1001
         assert table["percentiles"][0] == 0.0 and table["percentiles"][-1] == 100.0
@@ -162,3 +162,20 @@ def test_export_of_a_missing_checkpoint(tmp_path: Path, caplog: pytest.LogCaptur
     assert main(["export", str(tmp_path / "none.pt"), "--out", str(tmp_path / "b")]) == 2
     assert "checkpoint not found" in caplog.text
     assert not (tmp_path / "b").exists()
+
+
+def test_recon_error_calibration_matches_onnx(tmp_path: Path) -> None:
+    torch.manual_seed(5)
+    model = VAE(VAEConfig(latent_dim=4, conv_channels=(4, 8), hidden_dims=(16,))).eval()
+    x = torch.rand(50, 1, 28, 28)
+    out = export_bundle(model, tmp_path / "b", x, calibration_k=4, default_score="recon_error")
+    cal = json.loads((out / "manifest.json").read_text())["calibration"]
+    assert cal["default_score"] == "recon_error"
+    # independently, through onnxruntime: sum((x - sigmoid(decoder(mu)))^2)
+    (mu, _) = _session(out / "encoder.onnx").run(None, {"x": x.numpy()})
+    (logits,) = _session(out / "decoder.onnx").run(None, {"z": mu})
+    err = ((x.numpy() - 1 / (1 + np.exp(-logits))) ** 2).sum(axis=(1, 2, 3))
+    table = cal["scores"]["recon_error"]
+    np.testing.assert_allclose(table["values"], np.percentile(err, table["percentiles"]), rtol=1e-4)
+    with pytest.raises(ValueError, match="default score must be one of"):
+        export_bundle(model, tmp_path / "c", x, default_score="mse")

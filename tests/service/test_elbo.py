@@ -121,3 +121,21 @@ def test_gaussian_bundle(gaussian_client: TestClient) -> None:
         gaussian_client.post("/elbo", params={"k": 4}, files=files(encode(stroke())))
     )
     assert np.isfinite([result["elbo"], result["iwae"], result["percentile"]]).all()
+
+
+@pytest.mark.parametrize("which", ["client", "gaussian_client"])
+def test_recon_error_score(which: str, request: pytest.FixtureRequest) -> None:
+    client: TestClient = request.getfixturevalue(which)
+    pixels = [stroke().tolist(), noise().tolist()]
+    response = client.post("/elbo", params={"score": "recon_error"}, json={"pixels": pixels})
+    body = response.json()
+    assert body["score"] == "recon_error" and body["score_draws"] == 0
+    assert body["threshold_source"] == "manifest"
+    # independently: the decoder's mean at z = mu, from /reconstruct, against the input
+    recon = client.post("/reconstruct", params={"format": "arrays"}, json={"pixels": pixels})
+    assert recon.status_code == 200, recon.text
+    mean = np.asarray(recon.json()["arrays"])
+    x = np.asarray(pixels)[:, None]
+    expected = ((x - mean) ** 2).sum(axis=(1, 2, 3))
+    scores = [r["anomaly_score"] for r in _results(response)]
+    np.testing.assert_allclose(scores, expected, rtol=1e-4)

@@ -1,0 +1,156 @@
+"""POST /admin/reload: who may call it, what a good and a bad bundle do to the served model."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from service.main import create_app
+from service.reload import ReloadInProgress, reload_model
+from service.settings import Settings
+from tests.service.conftest import MakeClient
+from tests.service.helpers import rewrite_manifest
+
+KEY = {"X-API-Key": "s3cret"}
+
+
+def test_admin_is_disabled_without_an_api_key(make_client: MakeClient) -> None:
+    with make_client() as client:
+        response = client.post("/admin/reload")
+    assert response.status_code == 403
+    assert response.json()["detail"].startswith(
+        "admin endpoints are disabled: no VAE_API_KEY is configured"
+    )
+
+
+@pytest.mark.parametrize(
+    "headers, status_code",
+    [
+        ({}, 401),
+        ({"X-API-Key": "wrong"}, 401),
+        (KEY, 200),
+        ({"Authorization": "Bearer s3cret"}, 200),
+    ],
+)
+def test_admin_needs_the_api_key(
+    make_client: MakeClient, headers: dict[str, str], status_code: int
+) -> None:
+    with make_client(api_key="s3cret") as client:
+        assert client.post("/admin/reload", headers=headers).status_code == status_code
+
+
+def test_admin_open_without_a_key(make_client: MakeClient) -> None:
+    with make_client(admin_open=True) as client:
+        response = client.post("/admin/reload")
+    assert response.status_code == 200
+    body = response.json()
+    assert body["previous"]["name"] == body["current"]["name"] == "tiny-bernoulli"
+
+
+def test_reload_swaps_in_a_new_version(
+    make_client: MakeClient, tiny_bundle: Path, tmp_path: Path
+) -> None:
+    newer = rewrite_manifest(tiny_bundle, tmp_path / "v2", version="0.0.2")
+    with make_client(api_key="s3cret") as client:
+        before = client.post("/encode", json={"pixels": [[[0.5]]]}, headers=KEY).json()
+        response = client.post("/admin/reload", json={"bundle": str(newer)}, headers=KEY)
+        assert response.status_code == 200, response.text
+        assert response.json()["previous"]["version"] == "0.0.1"
+        assert response.json()["current"] == {
+            "name": "tiny-bernoulli",
+            "version": "0.0.2",
+            "path": str(newer),
+        }
+        assert client.get("/model", headers=KEY).json()["version"] == "0.0.2"
+        after = client.post("/encode", json={"pixels": [[[0.5]]]}, headers=KEY).json()
+        assert after == before  # same weights, served by the new model
+        metrics = client.get("/metrics").text
+        # an empty body reloads the bundle serving now, not the configured one
+        again = client.post("/admin/reload", headers=KEY).json()
+    assert again["current"]["path"] == str(newer)
+    assert 'vae_model_reloads_total{result="swapped"} 1.0' in metrics
+    assert 'version="0.0.2"' in metrics and 'version="0.0.1"' not in metrics
+
+
+def corrupt(tiny_bundle: Path, tmp_path: Path) -> Path:
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_bundle, broken)
+    (broken / "decoder.onnx").write_bytes(b"garbage")
+    return broken
+
+
+def bad_manifest(tiny_bundle: Path, tmp_path: Path) -> Path:
+    return rewrite_manifest(tiny_bundle, tmp_path / "bad", latent_dim=0)
+
+
+@pytest.mark.parametrize(
+    "make_bundle, message",
+    [
+        (corrupt, "decoder.onnx has 7 bytes, the manifest says"),
+        (bad_manifest, "manifest.json is invalid: latent_dim"),
+    ],
+)
+def test_a_bad_bundle_is_refused_and_the_old_keeps_serving(
+    make_client: MakeClient,
+    tiny_bundle: Path,
+    tmp_path: Path,
+    make_bundle: object,
+    message: str,
+) -> None:
+    path = make_bundle(tiny_bundle, tmp_path)  # type: ignore[operator]
+    with make_client(admin_open=True) as client:
+        response = client.post("/admin/reload", json={"bundle": str(path)})
+        assert response.status_code == 409
+        detail = response.json()["detail"]
+        assert detail.startswith("bundle refused: ") and message in detail
+        assert detail.endswith("; still serving tiny-bernoulli 0.0.1")
+        assert client.get("/model").json()["name"] == "tiny-bernoulli"
+        assert client.get("/readyz").status_code == 200
+        assert client.post("/encode", json={"pixels": [[[0.5]]]}).status_code == 200
+        assert 'vae_model_reloads_total{result="refused"} 1.0' in client.get("/metrics").text
+
+
+@pytest.mark.parametrize(
+    "content, media, status_code, message",
+    [
+        (
+            json.dumps({"bundle": "/nowhere"}),
+            "application/json",
+            422,
+            "/nowhere is not a directory on the server",
+        ),
+        (json.dumps({"bundle": ""}), "application/json", 422, "at least 1 character"),
+        (json.dumps({"bundel": "models/mnist"}), "application/json", 422, "Extra inputs"),
+        (json.dumps({"bundle": 3}), "application/json", 422, "valid string"),
+        ("[1]", "application/json", 422, "valid dictionary"),
+        ("{bad", "application/json", 422, "JSON decode error"),
+        ("models/mnist", "text/plain", 415, "unsupported media type: Content-Type text/plain"),
+    ],
+)
+def test_bad_reload_bodies(
+    make_client: MakeClient, content: str, media: str, status_code: int, message: str
+) -> None:
+    with make_client(admin_open=True) as client:
+        response = client.post("/admin/reload", content=content, headers={"Content-Type": media})
+        assert client.get("/model").json()["name"] == "tiny-bernoulli"
+    assert response.status_code == status_code, response.text
+    assert message in response.text
+
+
+def test_one_reload_at_a_time(tiny_bundle: Path) -> None:
+    app = create_app(Settings(bundle=tiny_bundle, batching=False))
+
+    async def race() -> list[object]:
+        async with app.router.lifespan_context(app):
+            return await asyncio.gather(
+                reload_model(app), reload_model(app), return_exceptions=True
+            )
+
+    first, second = asyncio.run(race())
+    assert not isinstance(first, BaseException)
+    assert isinstance(second, ReloadInProgress)
+    assert str(second) == "a reload is already in progress; retry when it has finished"
