@@ -203,6 +203,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         "epochs": ckpt["epoch"],
         "seed": ckpt["train"]["seed"],
         "objective": ckpt["train"]["objective"],
+        "init_from": ckpt["train"].get("init_from"),
         "batch_size": ckpt["train"]["batch_size"],
         "seconds": sum(h["seconds"] for h in ckpt["history"]),
         "world_size": ckpt.get("world_size", 1),

@@ -135,8 +135,10 @@ def test_a_real_digit_is_normal_and_noise_is_anomalous(
     assert noise_result["is_anomaly"] is True
     assert noise_result["percentile"] == 100.0
     assert all(noise_result["anomaly_score"] > d["anomaly_score"] for d in digit_results)
-    for result in digit_results:  # two bounds on the same log-likelihood
-        assert result["iwae"] == pytest.approx(result["elbo"], rel=0.1)
+    # two bounds on the same log-likelihood: close, and IWAE-16 the tighter (higher) one on average
+    for result in digit_results:
+        assert result["iwae"] == pytest.approx(result["elbo"], rel=0.3)
+    assert np.mean([d["iwae"] - d["elbo"] for d in digit_results]) > 0
     if bundle == DEFAULT_BUNDLE:  # the tiny bundle was calibrated on strokes, not on digits
         assert digit_results[0]["is_anomaly"] is False
         assert sum(not d["is_anomaly"] for d in digit_results) >= 7
