@@ -76,6 +76,15 @@ def mnist_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def bundle(request: pytest.FixtureRequest) -> Path:
+    """What the end-to-end tests serve: the shipped default bundle, else the tiny one."""
+    if (DEFAULT_BUNDLE / "manifest.json").is_file():
+        return DEFAULT_BUNDLE
+    tiny: Path = request.getfixturevalue("tiny_bundle")
+    return tiny
+
+
+@pytest.fixture(scope="session")
 def default_bundle() -> Path:
     """The shipped default bundle, models/mnist."""
     if not (DEFAULT_BUNDLE / "manifest.json").is_file():

@@ -157,14 +157,6 @@ def serving_venv(stages: dict[str, Stage], tmp_path_factory: pytest.TempPathFact
 
 
 @pytest.fixture
-def bundle(request: pytest.FixtureRequest) -> Path:
-    if (SHIPPED_BUNDLE / "manifest.json").is_file():
-        return SHIPPED_BUNDLE
-    tiny: Path = request.getfixturevalue("tiny_bundle")
-    return tiny
-
-
-@pytest.fixture
 def server(
     stages: dict[str, Stage], serving_venv: Path, bundle: Path, tmp_path: Path
 ) -> Iterator[tuple[str, dict[str, str]]]:

@@ -85,14 +85,6 @@ def wait_ready(process: subprocess.Popen[str], url: str, timeout: float = START_
 
 
 @pytest.fixture(scope="module")
-def bundle(request: pytest.FixtureRequest) -> Path:
-    """The shipped default bundle if present, else the tiny one."""
-    if (DEFAULT_BUNDLE / "manifest.json").is_file():
-        return DEFAULT_BUNDLE
-    return Path(request.getfixturevalue("tiny_bundle"))
-
-
-@pytest.fixture(scope="module")
 def server(bundle: Path) -> Iterator[httpx.Client]:
     process, url = serve(bundle, env={"VAE_MAX_UPLOAD_BYTES": str(UPLOAD_LIMIT)})
     wait_ready(process, url)

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.test_server import DEFAULT_BUNDLE
 from tests.stress import harness
 from tests.stress.harness import LONG, MAX_RSS_GROWTH, SHORT, Budget
 
@@ -19,14 +18,6 @@ BUDGETS = [
     pytest.param(SHORT, id="short"),
     pytest.param(LONG, id="long", marks=pytest.mark.slow),
 ]
-
-
-@pytest.fixture(scope="module")
-def bundle(request: pytest.FixtureRequest) -> Path:
-    """The shipped default bundle if present, else the tiny one."""
-    if (DEFAULT_BUNDLE / "manifest.json").is_file():
-        return DEFAULT_BUNDLE
-    return Path(request.getfixturevalue("tiny_bundle"))
 
 
 @pytest.fixture(scope="module")
