@@ -142,17 +142,11 @@ def _evaluate_parser(sub: Any) -> None:
 
 
 def _data_source(ckpt: dict[str, Any], override: str | None) -> str:
-    if override:
-        return override
-    src = str(ckpt["train"]["data"])
-    return src
+    return override or str(ckpt["train"]["data"])
 
 
 def _test_images(source: str, cfg: VAEConfig, ckpt: dict[str, Any], limit: int) -> torch.Tensor:
-    try:
-        ds = data_mod.load(source, "test", cfg.channels)
-    except (data_mod.DataError, KeyError):
-        raise
+    ds = data_mod.load(source, "test", cfg.channels)
     classes = ckpt["train"].get("classes")
     x = ds.images if not classes else data_mod.filter_classes(ds, classes).images
     return x[:limit] if limit else x

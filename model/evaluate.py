@@ -16,6 +16,47 @@ log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
+def bounds(
+    model: VAE,
+    x: torch.Tensor,
+    k: int = 0,
+    seed: int = 0,
+    binarize: bool = True,
+    batch_size: int = 100,
+    chunk: int = 100,
+    progress: bool = False,
+) -> dict[str, float]:
+    """Mean single-sample ELBO terms over x, and the IWAE-k bound when k > 0, in nats per image.
+
+    With binarize, each image is binarised once from the seeded generator; eps comes from the same
+    generator, so the figures are reproducible.
+    """
+    g = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    cfg, sigma = model.cfg, model.log_sigma.exp()
+    sums = {"elbo": 0.0, "reconstruction": 0.0, "kl": 0.0}
+    if k:
+        sums["iwae"] = 0.0
+    for i in tqdm(
+        range(0, len(x), batch_size), desc=f"IWAE k={k}", disable=not progress, mininterval=2.0
+    ):
+        xb = x[i : i + batch_size]
+        if binarize:
+            xb = data_mod.binarize(xb, g)
+        xb = xb.to(device)
+        mu, logvar = model.encode(xb)
+        eps = torch.randn((1, *mu.shape), generator=g).to(device)
+        t = elbo(model.decode, xb, mu, logvar, eps, cfg.likelihood, sigma)
+        sums["elbo"] += float(t.elbo.sum())
+        sums["reconstruction"] += float(t.reconstruction.sum())
+        sums["kl"] += float(t.kl.sum())
+        if k:
+            eps = torch.randn((k, *mu.shape), generator=g).to(device)
+            bound = iwae(model.decode, xb, mu, logvar, eps, cfg.likelihood, sigma, chunk=chunk)
+            sums["iwae"] += float(bound.sum())
+    return {key: v / len(x) for key, v in sums.items()}
+
+
 def evaluate(
     model: VAE,
     x: torch.Tensor,
@@ -31,30 +72,10 @@ def evaluate(
     With binarize, each test image is binarised once with a fixed seed (dynamic binarisation of
     the test set, as Burda et al. 2015 evaluate).
     """
-    g = torch.Generator().manual_seed(seed)
-    device = next(model.parameters()).device
-    cfg, sigma = model.cfg, model.log_sigma.exp()
-    sums = {"elbo": 0.0, "reconstruction": 0.0, "kl": 0.0, "iwae": 0.0}
-    for i in tqdm(
-        range(0, len(x), batch_size), desc=f"IWAE k={k}", disable=not progress, mininterval=2.0
-    ):
-        xb = x[i : i + batch_size]
-        if binarize:
-            xb = data_mod.binarize(xb, g)
-        xb = xb.to(device)
-        mu, logvar = model.encode(xb)
-        eps = torch.randn((1, *mu.shape), generator=g).to(device)
-        t = elbo(model.decode, xb, mu, logvar, eps, cfg.likelihood, sigma)
-        eps = torch.randn((k, *mu.shape), generator=g).to(device)
-        bound = iwae(model.decode, xb, mu, logvar, eps, cfg.likelihood, sigma, chunk=chunk)
-        sums["elbo"] += float(t.elbo.sum())
-        sums["reconstruction"] += float(t.reconstruction.sum())
-        sums["kl"] += float(t.kl.sum())
-        sums["iwae"] += float(bound.sum())
-    n = len(x)
-    res = {f"test_{key}": v / n for key, v in sums.items()}
+    means = bounds(model, x, k, seed, binarize, batch_size, chunk, progress)
+    res = {f"test_{key}": v for key, v in means.items()}
     res["test_nll_iwae"] = -res["test_iwae"]
     res["iwae_k"] = k
-    res["test_images"] = n
+    res["test_images"] = len(x)
     assert all(math.isfinite(v) for v in res.values())
     return res

@@ -50,7 +50,7 @@ def _export_onnx(
             str(path),
             input_names=[inp],
             output_names=outs,
-            dynamic_shapes={"x" if inp == "x" else "z": {0: batch}},
+            dynamic_shapes={inp: {0: batch}},  # inp is the forward() argument's name
             dynamo=True,
             external_data=False,  # one self-contained file per graph
             opset_version=18,

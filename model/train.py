@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from model import data as data_mod
 from model.config import VAEConfig
+from model.evaluate import bounds
 from model.networks import VAE
 from model.objective import elbo, iwae
 
@@ -105,35 +106,6 @@ def model_from_checkpoint(path: Path) -> tuple[VAE, dict[str, Any]]:
     model.load_state_dict(ckpt["model"])
     model.eval()
     return model, ckpt
-
-
-@torch.no_grad()
-def evaluate_elbo(
-    model: VAE, x: torch.Tensor, batch_size: int, seed: int, binarize: bool, iwae_k: int = 0
-) -> dict[str, float]:
-    """Mean single-sample ELBO terms (and the IWAE-k bound if k > 0) over x, seeded."""
-    g = torch.Generator().manual_seed(seed)
-    device = next(model.parameters()).device
-    sums = {"elbo": 0.0, "reconstruction": 0.0, "kl": 0.0, "iwae": 0.0}
-    for i in range(0, len(x), batch_size):
-        xb = x[i : i + batch_size]
-        if binarize:
-            xb = data_mod.binarize(xb, g)
-        xb = xb.to(device)
-        mu, logvar = model.encode(xb)
-        eps = torch.randn((1, *mu.shape), generator=g).to(device)
-        terms = elbo(model.decode, xb, mu, logvar, eps, model.cfg.likelihood, model.log_sigma.exp())
-        for k in ("elbo", "reconstruction", "kl"):
-            sums[k] += float(getattr(terms, k).sum())
-        if iwae_k:
-            eps = torch.randn((iwae_k, *mu.shape), generator=g).to(device)
-            sigma = model.log_sigma.exp()
-            sums["iwae"] += float(
-                iwae(model.decode, xb, mu, logvar, eps, model.cfg.likelihood, sigma).sum()
-            )
-    if not iwae_k:
-        del sums["iwae"]
-    return {k: v / len(x) for k, v in sums.items()}
 
 
 def _plot(history: list[dict[str, float]], path: Path) -> None:
@@ -296,7 +268,7 @@ def train(cfg: VAEConfig, tc: TrainConfig) -> TrainResult:
         seconds = time.time() - t0
         model.eval()
         k = tc.iwae_k if tc.objective == "iwae" else 0
-        val = evaluate_elbo(model, val_ds.images, 1000, tc.seed, tc.binarize == "dynamic", k)
+        val = bounds(model, val_ds.images, k, tc.seed, tc.binarize == "dynamic", batch_size=1000)
         # the bound being maximised (ELBO or IWAE-k) picks the best checkpoint
         val_bound = val["iwae"] if k else val["elbo"]
         row = {
