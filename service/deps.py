@@ -3,27 +3,32 @@
 import hmac
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 import numpy as np
 from fastapi import Depends, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
-from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
-from service.imaging import ImageError, convert_channels, decode_image, resize
+from service.imaging import NPY_MEDIA, ImageError, convert_channels, decode_image, read_npy, resize
 from service.inference import F32, Model
 from service.schemas import BLACK_28X28_PNG, ImagesRequest
 from service.settings import Settings
 
 JSON_TYPES = ("application/json",)
-IMAGE_MEDIA = "multipart/form-data, application/json or image/* (one raw image)"
+IMAGE_MEDIA = (
+    "multipart/form-data, application/json, image/* (one raw image) or application/x-npy "
+    "(a NumPy array)"
+)
 # Starlette's own cap on multipart parts; VAE_MAX_IMAGES is checked separately with a clear 422.
 MULTIPART_MAX_PARTS = 1000
+# .npy bodies up to this size are converted on the event loop (a copy and a scale: microseconds)
+NPY_INLINE_BYTES = 1 << 20
 
 
-def get_settings_from_app(request: Request) -> Settings:
+async def get_settings_from_app(request: Request) -> Settings:
     """The settings the app was created with."""
     settings: Settings = request.app.state.settings
     return settings
@@ -32,7 +37,7 @@ def get_settings_from_app(request: Request) -> Settings:
 SettingsDep = Annotated[Settings, Depends(get_settings_from_app)]
 
 
-def get_model(request: Request) -> Model:
+async def get_model(request: Request) -> Model:
     """The loaded model; 503 until the lifespan has loaded and warmed it up."""
     model: Model | None = request.app.state.model
     if model is None:
@@ -43,7 +48,7 @@ def get_model(request: Request) -> Model:
 ModelDep = Annotated[Model, Depends(get_model)]
 
 
-def require_api_key(request: Request, settings: SettingsDep) -> None:
+async def require_api_key(request: Request, settings: SettingsDep) -> None:
     """With VAE_API_KEY set, require it as `X-API-Key` or `Authorization: Bearer`; 401 else."""
     if settings.api_key is None:
         return
@@ -80,7 +85,7 @@ def unsupported_media(kind: str, expected: str) -> HTTPException:
     return HTTPException(status_code=415, detail=f"unsupported media type: {sent}; use {expected}")
 
 
-def require_json(request: Request) -> None:
+async def require_json(request: Request) -> None:
     """415 unless the body is JSON (FastAPI itself would answer 422 for other media types)."""
     kind = media_type(request)
     if not is_json(kind):
@@ -185,7 +190,30 @@ def _prepare_arrays(arrays: list[F32], shape: tuple[int, int, int], settings: Se
     return np.stack(images)
 
 
-async def _read_batch(request: Request, settings: Settings, shape: tuple[int, int, int]) -> F32:
+def _prepare_npy(data: bytes, shape: tuple[int, int, int], settings: Settings) -> F32:
+    try:
+        batch = read_npy(data, max_images=settings.max_images, max_pixels=settings.max_pixels)
+    except ImageError as exc:
+        message = f"the application/x-npy body {exc}"
+        if exc.status == 413:
+            raise HTTPException(status_code=413, detail=message) from None
+        raise invalid(("body",), message) from None
+    c, h, w = shape
+    if batch.shape[1:] == shape:
+        return batch
+    height, width = batch.shape[2:]
+    if settings.strict_size and (height, width) != (h, w):
+        raise invalid(
+            ("body",),
+            f"the array's images are {width}x{height}; the model takes {w}x{h} "
+            "(VAE_STRICT_SIZE is on)",
+        )
+    return np.stack([resize(convert_channels(image, c), h, w) for image in batch])
+
+
+async def _read_batch(
+    request: Request, settings: Settings, model: Model, shape: tuple[int, int, int]
+) -> F32:
     kind = media_type(request)
     if kind == "multipart/form-data":
         uploads = await _multipart_uploads(request)
@@ -196,24 +224,58 @@ async def _read_batch(request: Request, settings: Settings, shape: tuple[int, in
             raise _body_errors(exc) from None
         if body.pixels is not None:
             _check_count(len(body.pixels), settings, "pixels")
-            return await run_in_threadpool(_prepare_arrays, body.pixels, shape, settings)
+            if model.inline(len(body.pixels)):
+                return _prepare_arrays(body.pixels, shape, settings)
+            return await model.offload(_prepare_arrays, body.pixels, shape, settings)
         assert body.images is not None  # the model validator guarantees one of the two
         uploads = [("", data) for data in body.images]
     elif kind.startswith("image/"):
         uploads = [(f" ({kind} body)", await request.body())]
+    elif kind in NPY_MEDIA:
+        data = await request.body()
+        if len(data) <= NPY_INLINE_BYTES:
+            return _prepare_npy(data, shape, settings)
+        return await model.offload(_prepare_npy, data, shape, settings)
     else:
         raise unsupported_media(kind, IMAGE_MEDIA)
     _check_count(len(uploads), settings, "images")
-    return await run_in_threadpool(_decode_uploads, uploads, shape, settings)
+    if model.inline(len(uploads)):
+        return _decode_uploads(uploads, shape, settings)
+    return await model.offload(_decode_uploads, uploads, shape, settings)
 
 
-async def read_images(request: Request, settings: SettingsDep, model: ModelDep) -> F32:
+@dataclass(frozen=True)
+class Served:
+    """What a model endpoint needs: the settings and the model serving now, the caller checked."""
+
+    settings: Settings
+    model: Model
+
+
+async def get_served(request: Request) -> Served:
+    """The API key check, the settings and the model in one dependency.
+
+    FastAPI's per-dependency cost is a measurable part of a small request (bench/serving.py),
+    so the model endpoints take this one instead of three.
+    """
+    settings = await get_settings_from_app(request)
+    await require_api_key(request, settings)
+    return Served(settings, await get_model(request))
+
+
+ServedDep = Annotated[Served, Depends(get_served)]
+
+
+async def read_images(request: Request, served: Served) -> F32:
     """The request's images as one float32 batch `(B, C, H, W)` in [0, 1] at the model's size.
 
     Accepts multipart file uploads, a JSON body (`images`: base64 files, or `pixels`: nested
-    arrays) or one raw image body (`Content-Type: image/...`). Decoding runs in the threadpool.
+    arrays), one raw image body (`Content-Type: image/...`) or a NumPy array
+    (`Content-Type: application/x-npy`). A few images decode on the event loop, more in the
+    threadpool (`Model.inline`).
     """
-    x = await _read_batch(request, settings, model.manifest.input_shape)
+    model = served.model
+    x = await _read_batch(request, served.settings, model, model.manifest.input_shape)
     model.metrics.images.labels(request.scope["route"].path).observe(len(x))
     return x
 
@@ -223,9 +285,6 @@ def _check_count(count: int, settings: Settings, field: str) -> None:
         raise invalid(("body", field), "no images: send at least one image")
     if count > settings.max_images:
         raise over_limit(("body", field), count, settings.max_images, "VAE_MAX_IMAGES")
-
-
-ImagesDep = Annotated[F32, Depends(read_images)]
 
 
 IMAGES_OPENAPI: dict[str, Any] = {

@@ -58,14 +58,78 @@ def decode_image(data: bytes, shape: tuple[int, int, int], *, max_pixels: int, s
     if strict and (width, height) != (w, h):
         raise ImageError(f"is {width}x{height}; the model takes {w}x{h} (VAE_STRICT_SIZE is on)")
     try:
-        image.verify()  # checksums and structure; the image must be reopened afterwards
-        image = _open(data)
         image.draft("L" if c == 1 else "RGB", (w, h))  # JPEG: decode at a reduced scale
         image.load()
         array = _to_array(image, c)
     except Exception as exc:  # truncated or corrupt data surfaces as many exception types
         raise _undecodable(exc) from None
     return resize(array, h, w)
+
+
+NPY_MEDIA = ("application/x-npy", "application/npy")
+NPY_DTYPES = ("uint8 (0-255)", "bool", "float16/32/64 in [0, 1]")
+
+
+def read_npy(data: bytes, *, max_images: int, max_pixels: int) -> F32:
+    """A NumPy `.npy` body -> float32 `(B, C, H, W)` in [0, 1] at the sender's size.
+
+    Shapes: `(H, W)` one grey image, `(B, H, W)` grey images, `(B, C, H, W)` with C of 1 or 3
+    (the encoder's own layout). uint8 is scaled by 1/255, bool to 0/1; floats must be finite and
+    in [0, 1]. The header is read and checked (no pickles, shape within the limits) before any
+    pixel is, so an oversized array is refused without allocating it.
+    """
+    stream = io.BytesIO(data)
+    try:
+        version = np.lib.format.read_magic(stream)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(stream)
+        else:
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(stream)
+    except Exception as exc:  # bad magic, header or version: several exception types
+        raise ImageError(f"is not a NumPy .npy array ({type(exc).__name__}: {exc})") from None
+    if dtype.hasobject or dtype.kind not in "buf" or (dtype.kind == "u" and dtype.itemsize != 1):
+        raise ImageError(f"has dtype {dtype}; send {', '.join(NPY_DTYPES)}")
+    if len(shape) == 2:
+        shape = (1, 1, *shape)
+    elif len(shape) == 3:
+        shape = (shape[0], 1, *shape[1:])
+    elif len(shape) != 4 or shape[1] not in (1, 3):
+        raise ImageError(
+            f"has shape {shape}; send (H, W), (B, H, W) or (B, C, H, W) with C = 1 or 3"
+        )
+    b, _, h, w = shape
+    if b == 0 or h == 0 or w == 0:
+        raise ImageError(f"has shape {shape}: no pixels")
+    if b > max_images:
+        raise ImageError(f"holds {b} images, over the limit of {max_images} (VAE_MAX_IMAGES)")
+    if h * w > max_pixels:
+        raise ImageError(
+            f"has {w}x{h} = {w * h} pixels per image, over the limit of {max_pixels} "
+            "(VAE_MAX_PIXELS)",
+            413,
+        )
+    count = math.prod(shape)
+    body = data[stream.tell() :]
+    if len(body) != count * dtype.itemsize:
+        raise ImageError(
+            f"has {len(body)} bytes of data; its header ({dtype}, shape {shape}) needs "
+            f"{count * dtype.itemsize}: truncated?"
+        )
+    array = np.frombuffer(body, dtype=dtype).reshape(shape, order="F" if fortran else "C")
+    if dtype.kind == "u":
+        return array.astype(np.float32) / np.float32(255.0)
+    if dtype.kind == "b":
+        return array.astype(np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        pixels = array.astype(np.float32)
+        if not np.isfinite(pixels).all():
+            raise ImageError("has values that are not finite (NaN or infinity) in float32")
+        if pixels.min() < 0.0 or pixels.max() > 1.0:
+            raise ImageError(
+                f"has values in [{pixels.min():.4g}, {pixels.max():.4g}]; floats must be in "
+                "[0, 1] (or send uint8 in 0-255)"
+            )
+    return pixels
 
 
 def _undecodable(exc: Exception) -> ImageError:

@@ -1,18 +1,21 @@
 """Model operations on whole batches: each is one batched onnxruntime call per network.
 
-These functions are synchronous and CPU-bound; routes run them in a worker thread (onnxruntime
-releases the GIL), never on the event loop. With micro-batching on, a call's rows may share one
-onnxruntime call with other requests' rows (service/batching.py); eps is always drawn per request
-from the request's own seed, so results never depend on what a request was batched with.
+These functions are synchronous and CPU-bound. Routes hand them to `Model.run`: small work runs
+on the event loop (a thread hop would cost more), the rest in a worker thread (onnxruntime
+releases the GIL). With micro-batching on, a call's rows may share one onnxruntime call with
+other requests' rows (service/batching.py); eps is always drawn per request from the request's
+own seed, so results never depend on what a request was batched with or where it ran.
 """
 
 import os
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
+from starlette.concurrency import run_in_threadpool
 
 from service import objective
 from service.batching import Batcher, RowFunction
@@ -23,6 +26,7 @@ from service.settings import Settings
 F32 = objective.F32
 F64 = objective.F64
 MAX_SEED = 2**63 - 1
+T = TypeVar("T")
 
 
 def fresh_seed() -> int:
@@ -92,16 +96,25 @@ class Model:
     """
 
     def __init__(
-        self, bundle: Bundle, metrics: Metrics, batching: BatchPolicy | None = None
+        self,
+        bundle: Bundle,
+        metrics: Metrics,
+        batching: BatchPolicy | None = None,
+        inline_max_rows: int = 0,
     ) -> None:
         self.bundle = bundle
         self.manifest = bundle.manifest
         self.metrics = metrics
+        self.inline_max_rows = inline_max_rows
+        self._offloaded = 0  # calls now in worker threads
         self._encoder: Batcher | None = None
         self._decoder: Batcher | None = None
+        # the same model without micro-batching, for work run on the event loop (`run`)
+        self.direct: Model = self
         if batching is not None:
             self._encoder = self._batcher("encoder", self._run_encoder, batching)
             self._decoder = self._batcher("decoder", self._run_decoder, batching)
+            self.direct = Model(bundle, metrics, None, inline_max_rows)
 
     def _batcher(self, network: str, fn: RowFunction, policy: BatchPolicy) -> Batcher:
         return Batcher(
@@ -121,6 +134,32 @@ class Model:
     def _run_decoder(self, z: F32) -> tuple[F32]:
         with self.metrics.time_inference("decoder", len(z)):
             return (self.bundle.decode(z),)
+
+    def inline(self, rows: int) -> bool:
+        """Whether work of `rows` network rows runs on the event loop: small, and nothing queued.
+
+        Alone, small work (at most VAE_INLINE_MAX_ROWS rows) is done fastest right on the event
+        loop: a worker-thread hop costs more than the onnxruntime call. While other requests'
+        work is out in worker threads, it joins them instead, to share their micro-batches and
+        leave the event loop to HTTP; measured with bench/serving.py.
+        """
+        return rows <= self.inline_max_rows and self._offloaded == 0
+
+    async def offload(self, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(*args)` in a worker thread, counted while it runs (see `inline`)."""
+        self._offloaded += 1  # only ever changed on the event loop's thread
+        try:
+            return await run_in_threadpool(fn, *args)
+        finally:
+            self._offloaded -= 1
+
+    async def run(self, rows: int, fn: "Callable[[Model], T]") -> T:
+        """`fn(model)` for a request whose work is `rows` network rows: on the event loop with
+        the unbatched model when `inline(rows)`, else in a worker thread, micro-batched when on.
+        """
+        if self.inline(rows):
+            return fn(self.direct)
+        return await self.offload(fn, self)
 
     @property
     def batching(self) -> bool:

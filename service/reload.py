@@ -49,7 +49,7 @@ async def load_model(path: Path, settings: Settings, metrics: Metrics) -> Model:
         load_bundle, path, device=settings.device, threads=settings.threads
     )
     await run_in_threadpool(bundle.warm_up)
-    return Model(bundle, metrics, BatchPolicy.from_settings(settings))
+    return Model(bundle, metrics, BatchPolicy.from_settings(settings), settings.inline_max_rows)
 
 
 def publish(metrics: Metrics, previous: Model | None, current: Model | None) -> None:

@@ -76,6 +76,13 @@ class Settings(BaseSettings):
         description="longest the first request of a micro-batch waits for more rows; 0: batch "
         "only what queued while the workers were busy (no added latency when idle)",
     )
+    inline_max_rows: int = Field(
+        default=16,
+        ge=0,
+        le=65536,
+        description="requests needing at most this many network rows (images x draws) run on "
+        "the event loop, unbatched: cheaper than a thread hop for small work; 0: never",
+    )
     max_queue: int = Field(
         default=256,
         ge=1,

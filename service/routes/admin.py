@@ -17,13 +17,13 @@ ADMIN_DISABLED = (
 )
 
 
-def require_admin(request: Request, settings: SettingsDep) -> None:
+async def require_admin(request: Request, settings: SettingsDep) -> None:
     """The API key when one is configured; without one, 403 unless VAE_ADMIN_OPEN=true."""
     if settings.api_key is None:
         if not settings.admin_open:
             raise HTTPException(status_code=403, detail=ADMIN_DISABLED)
         return
-    require_api_key(request, settings)
+    await require_api_key(request, settings)
 
 
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)])
@@ -64,10 +64,10 @@ class ReloadPublic(BaseModel):
     seconds: float
 
 
-def json_if_any(request: Request) -> None:
+async def json_if_any(request: Request) -> None:
     """415 for a body that is not JSON; an empty body is fine (it reloads the bundle serving)."""
     if request.headers.get("content-length", "0") != "0" or "transfer-encoding" in request.headers:
-        require_json(request)
+        await require_json(request)
 
 
 @router.post(

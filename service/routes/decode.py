@@ -4,21 +4,19 @@ from typing import Annotated
 
 import numpy as np
 from fastapi import APIRouter, Depends, Query, Request, Response
-from starlette.concurrency import run_in_threadpool
 
 from service.deps import (
-    ModelDep,
-    SettingsDep,
+    ServedDep,
+    get_served,
     invalid,
     over_limit,
-    require_api_key,
     require_json,
 )
 from service.inference import F32, Model
 from service.rendering import IMAGE_RESPONSES, choose_format, render_images
 from service.schemas import DecodeRequest, ImagesPublic, OutputFormat
 
-router = APIRouter(tags=["images"], dependencies=[Depends(require_api_key)])
+router = APIRouter(tags=["images"])
 
 FORMAT_QUERY = Query(
     alias="format",
@@ -56,22 +54,23 @@ def validated_z(body: DecodeRequest, model: Model, max_rows: int) -> F32:
     "/decode",
     response_model=ImagesPublic,
     responses=IMAGE_RESPONSES,
-    dependencies=[Depends(require_json)],
+    # the API key first (get_served, cached for the `served` parameter), then the media type
+    dependencies=[Depends(get_served), Depends(require_json)],
 )
 async def decode(
     body: DecodeRequest,
     request: Request,
-    model: ModelDep,
-    settings: SettingsDep,
+    served: ServedDep,
     output: Annotated[OutputFormat | None, FORMAT_QUERY] = None,
 ) -> ImagesPublic | Response:
     """Decode latent vectors z (B x latent_dim) to images: PNGs, a PNG grid or raw arrays."""
+    model, settings = served.model, served.settings
     fmt = choose_format(output, request.headers.get("accept"))
     z = validated_z(body, model, settings.max_images)
     model.metrics.images.labels("/decode").observe(len(z))
 
-    def run() -> ImagesPublic | Response:
-        mean = decode_mean(model, z, ("body", "z"), "use latent values of a sensible size")
+    def run(m: Model) -> ImagesPublic | Response:
+        mean = decode_mean(m, z, ("body", "z"), "use latent values of a sensible size")
         return render_images(mean, fmt, model.manifest.likelihood)
 
-    return await run_in_threadpool(run)
+    return await model.run(len(z), run)

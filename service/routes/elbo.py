@@ -2,24 +2,21 @@
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, Query
-from starlette.concurrency import run_in_threadpool
+from fastapi import APIRouter, Query, Request
 
 from service.deps import (
     IMAGES_OPENAPI,
-    ImagesDep,
-    ModelDep,
-    SettingsDep,
+    ServedDep,
     invalid,
     over_limit,
-    require_api_key,
+    read_images,
 )
 from service.inference import MAX_SEED, Model
 from service.objective import percentile_of, value_at
 from service.schemas import ElboPublic, ElboResult, Score
 from service.settings import Settings
 
-router = APIRouter(tags=["scores"], dependencies=[Depends(require_api_key)])
+router = APIRouter(tags=["scores"])
 
 ThresholdSource = Literal["request", "settings", "manifest"]
 
@@ -56,9 +53,8 @@ def threshold_for(
 
 @router.post("/elbo", openapi_extra=IMAGES_OPENAPI)
 async def elbo(
-    x: ImagesDep,
-    model: ModelDep,
-    settings: SettingsDep,
+    request: Request,
+    served: ServedDep,
     samples: Annotated[
         int, Query(ge=1, description="draws for the reported ELBO (at most VAE_MAX_SAMPLES)")
     ] = 1,
@@ -75,6 +71,8 @@ async def elbo(
     ] = None,
 ) -> ElboPublic:
     """Score images: ELBO and its terms, optional IWAE, anomaly score, percentile and verdict."""
+    model, settings = served.model, served.settings
+    x = await read_images(request, served)
     if samples > settings.max_samples:
         raise over_limit(("query", "samples"), samples, settings.max_samples, "VAE_MAX_SAMPLES")
     if k is not None and k > settings.max_k:
@@ -84,8 +82,8 @@ async def elbo(
     limit, source = threshold_for(model, settings, chosen, threshold)
     table = model.manifest.score_table(chosen)
 
-    def run() -> ElboPublic:
-        result = model.evaluate(x, samples=samples, k=k, score=chosen, score_draws=draws, seed=seed)
+    def run(m: Model) -> ElboPublic:
+        result = m.evaluate(x, samples=samples, k=k, score=chosen, score_draws=draws, seed=seed)
         percentiles = (
             percentile_of(result.score, table.percentiles, table.values)
             if table and table.usable
@@ -115,4 +113,4 @@ async def elbo(
             results=rows,
         )
 
-    return await run_in_threadpool(run)
+    return await model.run(len(x) * max(samples, k or 0, draws, 1), run)

@@ -2,31 +2,31 @@
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query
-from starlette.concurrency import run_in_threadpool
+from fastapi import APIRouter, Query, Request
 
-from service.deps import IMAGES_OPENAPI, ImagesDep, ModelDep, require_api_key
-from service.inference import MAX_SEED, draw_eps, fresh_seed
+from service.deps import IMAGES_OPENAPI, ServedDep, read_images
+from service.inference import MAX_SEED, Model, draw_eps, fresh_seed
 from service.objective import reparameterize
 from service.schemas import EncodePublic, LatentPublic
 
-router = APIRouter(tags=["latents"], dependencies=[Depends(require_api_key)])
+router = APIRouter(tags=["latents"])
 
 
 @router.post("/encode", openapi_extra=IMAGES_OPENAPI)
 async def encode(
-    x: ImagesDep,
-    model: ModelDep,
+    request: Request,
+    served: ServedDep,
     sample: Annotated[bool, Query(description="also draw z = mu + sigma * eps")] = False,
     seed: Annotated[
         int | None, Query(ge=0, le=MAX_SEED, description="seed of eps; fresh when omitted")
     ] = None,
 ) -> EncodePublic:
     """Encode images to mu and logvar of q(z|x), and a reparameterised draw z with sample=true."""
+    model, x = served.model, await read_images(request, served)
     used_seed = (fresh_seed() if seed is None else seed) if sample else None
 
-    def run() -> EncodePublic:
-        mu, logvar = model.encode(x)  # (B, D) each
+    def run(m: Model) -> EncodePublic:
+        mu, logvar = m.encode(x)  # (B, D) each
         z = None
         if used_seed is not None:
             z = reparameterize(mu, logvar, draw_eps(used_seed, mu.shape)).tolist()
@@ -36,4 +36,4 @@ async def encode(
         ]
         return EncodePublic(latent_dim=mu.shape[1], seed=used_seed, results=results)
 
-    return await run_in_threadpool(run)
+    return await model.run(len(x), run)

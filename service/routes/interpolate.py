@@ -3,25 +3,22 @@
 from typing import Annotated, Literal
 
 import numpy as np
-from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import APIRouter, Query, Request, Response
 from pydantic import Field
-from starlette.concurrency import run_in_threadpool
 
 from service.deps import (
     IMAGES_OPENAPI,
-    ImagesDep,
-    ModelDep,
-    SettingsDep,
+    ServedDep,
     invalid,
     over_limit,
-    require_api_key,
+    read_images,
 )
-from service.inference import F32
+from service.inference import F32, Model
 from service.rendering import IMAGE_RESPONSES, choose_format, render_images
 from service.routes.decode import FORMAT_QUERY, decode_mean
 from service.schemas import ImagesPublic, OutputFormat
 
-router = APIRouter(tags=["latents"], dependencies=[Depends(require_api_key)])
+router = APIRouter(tags=["latents"])
 
 Mode = Literal["linear", "slerp"]
 # Below this sin(angle) the directions are (anti)parallel and slerp's weights are 0/0.
@@ -67,10 +64,8 @@ def interpolate(a: F32, b: F32, steps: int, mode: Mode) -> F32:
     openapi_extra=IMAGES_OPENAPI,
 )
 async def interpolate_images(
-    x: ImagesDep,
     request: Request,
-    model: ModelDep,
-    settings: SettingsDep,
+    served: ServedDep,
     steps: Annotated[
         int, Query(ge=2, description="points on the path, ends included (VAE_MAX_SAMPLE_N)")
     ] = 8,
@@ -84,24 +79,26 @@ async def interpolate_images(
     Send exactly two images, a then b (multipart files in that order, e.g. fields `a` and `b`;
     or JSON `images` / `pixels` with two entries).
     """
+    model, settings = served.model, served.settings
+    x = await read_images(request, served)
     if len(x) != 2:
         raise invalid(("body", "images"), f"got {len(x)} image(s); send exactly two (a, then b)")
     if steps > settings.max_sample_n:
         raise over_limit(("query", "steps"), steps, settings.max_sample_n, "VAE_MAX_SAMPLE_N")
     fmt = choose_format(output, request.headers.get("accept"))
 
-    def run() -> ImagesPublic | Response:
-        mu, _ = model.encode(x)  # (2, D)
+    def run(m: Model) -> ImagesPublic | Response:
+        mu, _ = m.encode(x)  # (2, D)
         z = interpolate(mu[0], mu[1], steps, mode)  # (steps, D)
-        mean = decode_mean(model, z, ("body", "images"), "these images encode to extreme latents")
+        mean = decode_mean(m, z, ("body", "images"), "these images encode to extreme latents")
         return render_images(
             mean,
             fmt,
-            model.manifest.likelihood,
+            m.manifest.likelihood,
             public=InterpolatePublic,
             mode=mode,
             steps=steps,
             z=z.tolist(),
         )
 
-    return await run_in_threadpool(run)
+    return await model.run(steps, run)

@@ -2,15 +2,15 @@
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Request, Response
-from starlette.concurrency import run_in_threadpool
+from fastapi import APIRouter, Request, Response
 
-from service.deps import IMAGES_OPENAPI, ImagesDep, ModelDep, require_api_key
+from service.deps import IMAGES_OPENAPI, ServedDep, read_images
+from service.inference import Model
 from service.rendering import IMAGE_RESPONSES, choose_format, render_images
 from service.routes.decode import FORMAT_QUERY
 from service.schemas import ImagesPublic, OutputFormat
 
-router = APIRouter(tags=["images"], dependencies=[Depends(require_api_key)])
+router = APIRouter(tags=["images"])
 
 
 @router.post(
@@ -20,15 +20,15 @@ router = APIRouter(tags=["images"], dependencies=[Depends(require_api_key)])
     openapi_extra=IMAGES_OPENAPI,
 )
 async def reconstruct(
-    x: ImagesDep,
     request: Request,
-    model: ModelDep,
+    served: ServedDep,
     output: Annotated[OutputFormat | None, FORMAT_QUERY] = None,
 ) -> ImagesPublic | Response:
     """Reconstruct images through the model (decoder mean at z = mu), to inspect anomalies."""
+    model, x = served.model, await read_images(request, served)
     fmt = choose_format(output, request.headers.get("accept"))
 
-    def run() -> ImagesPublic | Response:
-        return render_images(model.reconstruct(x), fmt, model.manifest.likelihood)
+    def run(m: Model) -> ImagesPublic | Response:
+        return render_images(m.reconstruct(x), fmt, m.manifest.likelihood)
 
-    return await run_in_threadpool(run)
+    return await model.run(len(x), run)

@@ -2,23 +2,21 @@
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query, Request, Response
-from starlette.concurrency import run_in_threadpool
+from fastapi import APIRouter, Query, Request, Response
 
-from service.deps import ModelDep, SettingsDep, over_limit, require_api_key
-from service.inference import MAX_SEED, draw_eps, fresh_seed
+from service.deps import ServedDep, over_limit
+from service.inference import MAX_SEED, Model, draw_eps, fresh_seed
 from service.rendering import IMAGE_RESPONSES, choose_format, render_images
 from service.routes.decode import FORMAT_QUERY, decode_mean
 from service.schemas import ImagesPublic, OutputFormat, SamplePublic
 
-router = APIRouter(tags=["images"], dependencies=[Depends(require_api_key)])
+router = APIRouter(tags=["images"])
 
 
 @router.get("/sample", response_model=SamplePublic, responses=IMAGE_RESPONSES)
 async def sample(
     request: Request,
-    model: ModelDep,
-    settings: SettingsDep,
+    served: ServedDep,
     n: Annotated[int, Query(ge=1, description="images to draw (at most VAE_MAX_SAMPLE_N)")] = 16,
     seed: Annotated[
         int | None, Query(ge=0, le=MAX_SEED, description="seed of z; fresh when omitted")
@@ -30,19 +28,20 @@ async def sample(
     output: Annotated[OutputFormat | None, FORMAT_QUERY] = None,
 ) -> ImagesPublic | Response:
     """Draw n images: z from the prior N(0, I) scaled by temperature, decoded."""
+    model, settings = served.model, served.settings
     if n > settings.max_sample_n:
         raise over_limit(("query", "n"), n, settings.max_sample_n, "VAE_MAX_SAMPLE_N")
     fmt = choose_format(output, request.headers.get("accept"))
     used_seed = fresh_seed() if seed is None else seed
     model.metrics.images.labels("/sample").observe(n)
 
-    def run() -> ImagesPublic | Response:
-        z = temperature * draw_eps(used_seed, (n, model.manifest.latent_dim))
-        mean = decode_mean(model, z, ("query", "temperature"), "lower the temperature")
+    def run(m: Model) -> ImagesPublic | Response:
+        z = temperature * draw_eps(used_seed, (n, m.manifest.latent_dim))
+        mean = decode_mean(m, z, ("query", "temperature"), "lower the temperature")
         return render_images(
             mean,
             fmt,
-            model.manifest.likelihood,
+            m.manifest.likelihood,
             public=SamplePublic,
             headers={"X-Seed": str(used_seed)},
             seed=used_seed,
@@ -50,4 +49,4 @@ async def sample(
             z=z.tolist(),
         )
 
-    return await run_in_threadpool(run)
+    return await model.run(n, run)

@@ -140,7 +140,7 @@ def networks(model: Model) -> dict[str, Network]:
     return {net.name: net for net in (encoder, decoder)}
 
 
-def get_network(request: Request, model: ModelDep, model_name: str) -> Network:
+async def get_network(request: Request, model: ModelDep, model_name: str) -> Network:
     """The v2 model named in the path, at the version in the path if any; 404 else."""
     served = networks(model)
     if model_name not in served:
@@ -161,7 +161,9 @@ def get_network(request: Request, model: ModelDep, model_name: str) -> Network:
 NetworkDep = Annotated[Network, Depends(get_network)]
 
 
-def _declare_version(model_version: Annotated[str, Path(description="the bundle version")]) -> None:
+async def _declare_version(
+    model_version: Annotated[str, Path(description="the bundle version")],
+) -> None:
     """Declares `{model_version}` for OpenAPI; get_network reads and checks it."""
 
 

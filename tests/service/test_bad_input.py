@@ -103,7 +103,7 @@ IMAGE_CASES = [
         {"content": b"abc", "headers": {"Content-Type": "text/plain"}},
         415,
         "unsupported media type: Content-Type text/plain; "
-        "use multipart/form-data, application/json or image/*",
+        "use multipart/form-data, application/json, image/* (one raw image) or application/x-npy",
     ),
     ("no-media-type", {"content": b"abc"}, 415, "unsupported media type: no Content-Type"),
     (

@@ -157,12 +157,15 @@ def test_batched_results_equal_unbatched(
     make_client: MakeClient, path: str, params: dict[str, Any]
 ) -> None:
     bodies = images(REQUESTS)
-    with make_client(batching=False) as client:
+    with make_client(batching=False, inline_max_rows=0) as client:
         alone = post_all(client, path, bodies, **params)
-    with make_client(batching=True, max_batch_delay_ms=20) as client:
+    with make_client(batching=True) as client:  # small requests run on the event loop
+        inline = post_all(client, path, bodies, **params)
+    with make_client(batching=True, max_batch_delay_ms=20, inline_max_rows=0) as client:
         batched = post_all(client, path, bodies, **params)
         metrics = client.get("/metrics").text
     assert batched == alone  # bit for bit: eps is drawn per request, the networks are row-wise
+    assert inline == alone
     assert len({str(body["results"]) for body in alone}) == REQUESTS  # distinct images, rows
     calls = float(metrics.split('vae_batch_size_count{network="encoder"} ')[1].split()[0])
     assert calls < REQUESTS  # some requests shared an encoder call (plus the warm-up)
@@ -171,7 +174,9 @@ def test_batched_results_equal_unbatched(
 
 def test_a_full_queue_answers_503_with_retry_after(make_client: MakeClient) -> None:
     gate = threading.Event()
-    with make_client(batching=True, max_queue=1, max_batch_size=2, max_batch_delay_ms=0) as client:
+    with make_client(
+        batching=True, max_queue=1, max_batch_size=2, max_batch_delay_ms=0, inline_max_rows=0
+    ) as client:
         model = client.app.state.model  # type: ignore[attr-defined]
         run = model._encoder.fn
         model._encoder.fn = lambda x: (gate.wait(10), run(x))[1]

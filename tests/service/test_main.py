@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 import threading
@@ -107,7 +108,7 @@ def test_inference_does_not_block_the_event_loop(
         return original(self, x)
 
     monkeypatch.setattr(Model, "encode", slow_encode)
-    with make_client() as client:
+    with make_client(inline_max_rows=0) as client:  # every request's work in a worker thread
         slow = threading.Thread(
             target=lambda: client.post("/encode", files=files(encode(stroke())))
         )
@@ -117,6 +118,37 @@ def test_inference_does_not_block_the_event_loop(
         assert client.get("/healthz").status_code == 200
         assert time.perf_counter() - start < 0.5
         slow.join()
+
+
+@pytest.mark.parametrize(
+    "images, settings, on_loop",
+    [(1, {}, True), (16, {}, True), (17, {}, False), (1, {"inline_max_rows": 0}, False)],
+)
+def test_small_work_runs_on_the_event_loop_the_rest_in_a_worker(
+    make_client: MakeClient,
+    monkeypatch: pytest.MonkeyPatch,
+    images: int,
+    settings: dict[str, int],
+    on_loop: bool,
+) -> None:
+    original = Model.encode
+    where: list[bool] = []
+
+    def spy(self: Model, x):  # type: ignore[no-untyped-def]
+        try:
+            asyncio.get_running_loop()
+            where.append(True)
+        except RuntimeError:  # worker threads run no event loop
+            where.append(False)
+        return original(self, x)
+
+    monkeypatch.setattr(Model, "encode", spy)
+    with make_client(**settings) as client:
+        body = [("images", (f"{i}.png", encode(stroke()), "image/png")) for i in range(images)]
+        response = client.post("/encode", files=body)
+    assert response.status_code == 200, response.text
+    assert len(response.json()["results"]) == images
+    assert where == [on_loop]
 
 
 def test_unknown_settings_are_logged(
