@@ -8,6 +8,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -122,13 +123,19 @@ def test_inference_does_not_block_the_event_loop(
 
 @pytest.mark.parametrize(
     "images, settings, on_loop",
-    [(1, {}, True), (16, {}, True), (17, {}, False), (1, {"inline_max_rows": 0}, False)],
+    [
+        (1, {}, True),
+        (16, {}, True),
+        (17, {}, False),
+        (1, {"inline_max_rows": 0}, False),
+        (1, {"busy": True}, False),
+    ],
 )
 def test_small_work_runs_on_the_event_loop_the_rest_in_a_worker(
     make_client: MakeClient,
     monkeypatch: pytest.MonkeyPatch,
     images: int,
-    settings: dict[str, int],
+    settings: dict[str, Any],
     on_loop: bool,
 ) -> None:
     original = Model.encode
@@ -143,7 +150,10 @@ def test_small_work_runs_on_the_event_loop_the_rest_in_a_worker(
         return original(self, x)
 
     monkeypatch.setattr(Model, "encode", spy)
+    busy = settings.pop("busy", False)
     with make_client(**settings) as client:
+        if busy:  # another request's work is out in a worker thread: join it there
+            client.app.state.model._offloaded = 1  # type: ignore[attr-defined]
         body = [("images", (f"{i}.png", encode(stroke()), "image/png")) for i in range(images)]
         response = client.post("/encode", files=body)
     assert response.status_code == 200, response.text
