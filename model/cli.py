@@ -106,7 +106,7 @@ def _export_parser(sub: Any) -> None:
     p.add_argument("--calibration-k", type=int, default=64, help="k for the -IWAE score table")
     p.add_argument(
         "--default-score",
-        choices=["neg_elbo", "neg_iwae", "recon_error"],
+        choices=["neg_elbo", "neg_iwae", "recon_error", "blur_recon_rel"],
         default="neg_elbo",
         help="the anomaly score /elbo uses when asked for none",
     )

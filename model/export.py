@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from model.networks import VAE
-from model.objective import elbo, iwae
+from model.objective import blur_recon_rel, elbo, iwae
 
 log = logging.getLogger(__name__)
 
@@ -107,11 +107,11 @@ def check_onnx(model: VAE, directory: Path, batch: int = 7, seed: int = 0) -> fl
 def anomaly_scores(
     model: VAE, x: torch.Tensor, samples: int = 1, k: int = 64, seed: int = 0, batch: int = 500
 ) -> dict[str, np.ndarray]:
-    """-ELBO (S samples), -IWAE (k samples) and the squared reconstruction error at z = mu per
-    image, on raw intensities, as the server computes them."""
+    """-ELBO (S samples), -IWAE (k samples), the squared reconstruction error at z = mu and
+    blur_recon_rel per image, on raw intensities, as the server computes them."""
     g = torch.Generator().manual_seed(seed)
     cfg, sigma = model.cfg, model.log_sigma.exp()
-    neg_elbo, neg_iwae, recon_error = [], [], []
+    neg_elbo, neg_iwae, recon_error, blur_rel = [], [], [], []
     for i in range(0, len(x), batch):
         xb = x[i : i + batch]
         mu, logvar = model.encode(xb)
@@ -123,14 +123,16 @@ def anomaly_scores(
         if cfg.likelihood == "bernoulli":
             mean = torch.sigmoid(mean)
         recon_error.append((xb - mean).pow(2).flatten(1).sum(1))
+        blur_rel.append(blur_recon_rel(xb, mean))
     return {
         "neg_elbo": torch.cat(neg_elbo).numpy(),
         "neg_iwae": torch.cat(neg_iwae).numpy(),
         "recon_error": torch.cat(recon_error).numpy(),
+        "blur_recon_rel": torch.cat(blur_rel).numpy(),
     }
 
 
-SCORES = ("neg_elbo", "neg_iwae", "recon_error")
+SCORES = ("neg_elbo", "neg_iwae", "recon_error", "blur_recon_rel")
 
 
 def calibrate(
@@ -159,6 +161,7 @@ def calibrate(
             "neg_elbo": {"samples": samples, "seed": seed, **table(scores["neg_elbo"])},
             "neg_iwae": {"k": k, "seed": seed, **table(scores["neg_iwae"])},
             "recon_error": table(scores["recon_error"]),
+            "blur_recon_rel": table(scores["blur_recon_rel"]),
         },
     }
 

@@ -103,3 +103,16 @@ def iwae(
         zeros = torch.zeros_like(mu)
         log_w.append(ll + log_normal(z, zeros, zeros) - log_normal(z, mu, logvar))  # (k, B)
     return torch.logsumexp(torch.cat(log_w), dim=0) - math.log(K)  # (B,)
+
+
+def blur_recon_rel(x: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """`sum(blur(x - mean)^2) / (sum(x) + 1)` per image, blur = 5x5 binomial, zero padding 2.
+
+    `x, mean (B, C, H, W)`; the anomaly score `blur_recon_rel` (docs/BUNDLE.md), as a 2D
+    convolution here and a separable filter in service/objective.py.
+    """
+    taps = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0], dtype=x.dtype) / 16.0
+    channels = x.shape[1]
+    kernel = torch.outer(taps, taps).expand(channels, 1, 5, 5)
+    err = F.conv2d(x - mean, kernel, padding=2, groups=channels)
+    return err.pow(2).flatten(1).sum(1) / (x.flatten(1).sum(1) + 1.0)

@@ -28,7 +28,7 @@ MAX_DECODE_ROWS = 8192
 Array = np.ndarray[Any, np.dtype[np.float32]]
 
 
-ScoreName = Literal["neg_elbo", "neg_iwae", "recon_error"]
+ScoreName = Literal["neg_elbo", "neg_iwae", "recon_error", "blur_recon_rel"]
 
 
 class BundleError(RuntimeError):

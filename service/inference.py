@@ -237,8 +237,10 @@ class Model:
             values = -objective.elbo(log_px[:score_draws], kl).elbo
         elif score == "neg_iwae":
             values = -objective.iwae(log_px[:score_draws], z[:score_draws], mu, logvar)
-        else:  # recon_error: deterministic, the decoder's mean at z = mu
+        elif score == "recon_error":  # deterministic, the decoder's mean at z = mu
             values = objective.squared_error(x, self.decode_mean(mu))
+        else:  # blur_recon_rel: deterministic too
+            values = objective.blur_recon_rel(x, self.decode_mean(mu))
         return Evaluation(terms=terms, iwae=iwae, score=values)
 
     def reconstruct(self, x: F32) -> F32:

@@ -183,7 +183,8 @@ class ElboPublic(BaseModel):
     seed: int
     score: Score
     score_draws: int = Field(
-        description="samples (neg_elbo) or k (neg_iwae) behind the score; 0 for recon_error"
+        description="samples (neg_elbo) or k (neg_iwae) behind the score; 0 for recon_error "
+        "and blur_recon_rel"
     )
     threshold: float | None
     threshold_source: Literal["request", "settings", "manifest"] | None

@@ -23,7 +23,7 @@ ThresholdSource = Literal["request", "settings", "manifest"]
 
 def score_draws(model: Model, score: Score, samples: int, k: int | None) -> int:
     """Draws behind the anomaly score: the calibration's, so scores compare with its table."""
-    if score == "recon_error":
+    if score in ("recon_error", "blur_recon_rel"):
         return 0  # deterministic: the decoder's mean at z = mu
     table = model.manifest.score_table(score)
     if score == "neg_elbo":

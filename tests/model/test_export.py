@@ -16,6 +16,7 @@ from model.cli import main
 from model.config import VAEConfig
 from model.export import export_bundle
 from model.networks import VAE
+from service import objective as service_objective
 
 
 def _session(path: Path) -> ort.InferenceSession:
@@ -78,7 +79,7 @@ def test_manifest(tiny_bundle: Path) -> None:
         assert m["files"][name] == {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
     cal = m["calibration"]
     assert cal["default_score"] == "neg_elbo" and cal["threshold_percentile"] == 99.0
-    for score in ("neg_elbo", "neg_iwae", "recon_error"):
+    for score in ("neg_elbo", "neg_iwae", "recon_error", "blur_recon_rel"):
         table = cal["scores"][score]
         assert len(table["percentiles"]) == len(table["values"]) == 1001
         assert table["percentiles"][0] == 0.0 and table["percentiles"][-1] == 100.0
@@ -177,5 +178,10 @@ def test_recon_error_calibration_matches_onnx(tmp_path: Path) -> None:
     err = ((x.numpy() - 1 / (1 + np.exp(-logits))) ** 2).sum(axis=(1, 2, 3))
     table = cal["scores"]["recon_error"]
     np.testing.assert_allclose(table["values"], np.percentile(err, table["percentiles"]), rtol=1e-4)
+    # blur_recon_rel from the same ONNX reconstruction, by the service's numpy twin
+    mean = (1 / (1 + np.exp(-logits))).astype(np.float32)
+    rel = service_objective.blur_recon_rel(x.numpy(), mean)
+    table = cal["scores"]["blur_recon_rel"]
+    np.testing.assert_allclose(table["values"], np.percentile(rel, table["percentiles"]), rtol=1e-4)
     with pytest.raises(ValueError, match="default score must be one of"):
         export_bundle(model, tmp_path / "c", x, default_score="mse")

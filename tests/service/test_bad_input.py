@@ -304,7 +304,11 @@ def test_bad_sample(limited: TestClient, params: dict, expected: str) -> None:
             "query.samples: Input should be less than or equal to 5 (VAE_MAX_SAMPLES); got 6",
         ),
         ({"samples": 0}, "query.samples: Input should be greater than or equal to 1"),
-        ({"score": "psnr"}, "query.score: Input should be 'neg_elbo', 'neg_iwae' or 'recon_error'"),
+        (
+            {"score": "psnr"},
+            "query.score: Input should be 'neg_elbo', 'neg_iwae', 'recon_error' or "
+            "'blur_recon_rel'",
+        ),
         ({"threshold": "nan"}, "query.threshold: Input should be a finite number"),
         ({"threshold": "-inf"}, "query.threshold: Input should be a finite number"),
         ({"seed": "x"}, "query.seed: Input should be a valid integer"),

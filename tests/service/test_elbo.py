@@ -12,6 +12,7 @@ from service import objective
 from service.bundle import read_manifest
 from tests.service.conftest import MakeClient
 from tests.service.helpers import encode, files, noise, rewrite_manifest, stroke
+from tests.service.test_objective import _blur_recon_rel_by_loops
 
 FIELDS = {
     "elbo",
@@ -123,19 +124,23 @@ def test_gaussian_bundle(gaussian_client: TestClient) -> None:
     assert np.isfinite([result["elbo"], result["iwae"], result["percentile"]]).all()
 
 
+@pytest.mark.parametrize("score", ["recon_error", "blur_recon_rel"])
 @pytest.mark.parametrize("which", ["client", "gaussian_client"])
-def test_recon_error_score(which: str, request: pytest.FixtureRequest) -> None:
+def test_reconstruction_scores(which: str, score: str, request: pytest.FixtureRequest) -> None:
     client: TestClient = request.getfixturevalue(which)
     pixels = [stroke().tolist(), noise().tolist()]
-    response = client.post("/elbo", params={"score": "recon_error"}, json={"pixels": pixels})
+    response = client.post("/elbo", params={"score": score}, json={"pixels": pixels})
     body = response.json()
-    assert body["score"] == "recon_error" and body["score_draws"] == 0
+    assert body["score"] == score and body["score_draws"] == 0
     assert body["threshold_source"] == "manifest"
     # independently: the decoder's mean at z = mu, from /reconstruct, against the input
     recon = client.post("/reconstruct", params={"format": "arrays"}, json={"pixels": pixels})
     assert recon.status_code == 200, recon.text
     mean = np.asarray(recon.json()["arrays"])
     x = np.asarray(pixels)[:, None]
-    expected = ((x - mean) ** 2).sum(axis=(1, 2, 3))
+    if score == "recon_error":
+        expected = ((x - mean) ** 2).sum(axis=(1, 2, 3))
+    else:
+        expected = _blur_recon_rel_by_loops(x, mean)
     scores = [r["anomaly_score"] for r in _results(response)]
     np.testing.assert_allclose(scores, expected, rtol=1e-4)

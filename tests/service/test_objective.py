@@ -167,3 +167,35 @@ def test_the_calibration_table_is_reproduced(tiny_bundle: Path) -> None:
     )
     median = objective.value_at(50.0, table.percentiles, table.values)
     assert abs(float(np.median(scores)) - median) / median < 0.05
+
+
+def _blur_recon_rel_by_loops(x: np.ndarray, mean: np.ndarray) -> np.ndarray:
+    """The score from its definition: an explicit 5x5 correlation over a zero-padded error."""
+    taps = np.array([1, 4, 6, 4, 1], dtype=np.float64) / 16
+    kernel = np.outer(taps, taps)
+    b, c, h, w = x.shape
+    err = np.pad((x - mean).astype(np.float64), [(0, 0), (0, 0), (2, 2), (2, 2)])
+    blurred = np.zeros((b, c, h, w))
+    for i in range(h):
+        for j in range(w):
+            blurred[:, :, i, j] = (err[:, :, i : i + 5, j : j + 5] * kernel).sum(axis=(2, 3))
+    return (blurred**2).sum(axis=(1, 2, 3)) / (x.sum(axis=(1, 2, 3)) + 1)
+
+
+def test_blur_recon_rel_by_hand_and_against_torch() -> None:
+    # a single unit pixel in the middle: blur spreads it into the kernel, sum of squares
+    # (70/256)^2; ink 1, so the score is that over 2. In a corner part of the kernel falls off.
+    x = np.zeros((2, 1, 9, 9), dtype=np.float32)
+    x[0, 0, 4, 4] = x[1, 0, 0, 0] = 1.0
+    scores = objective.blur_recon_rel(x, np.zeros_like(x))
+    np.testing.assert_allclose(scores, [(70 / 256) ** 2 / 2, (53 / 256) ** 2 / 2], rtol=1e-6)
+
+    rng = np.random.default_rng(3)
+    x = rng.random((3, 3, 12, 10), dtype=np.float32)
+    mean = rng.random((3, 3, 12, 10), dtype=np.float32)
+    expected = _blur_recon_rel_by_loops(x, mean)
+    np.testing.assert_allclose(objective.blur_recon_rel(x, mean), expected, rtol=1e-5)
+    t = torch.from_numpy
+    np.testing.assert_allclose(
+        model_objective.blur_recon_rel(t(x), t(mean)).numpy(), expected, rtol=1e-5
+    )

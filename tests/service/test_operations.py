@@ -28,7 +28,12 @@ def test_model_describes_the_bundle(client: TestClient) -> None:
     assert body["image"] == {"channels": 1, "height": 28, "width": 28}
     assert (body["latent_dim"], body["likelihood"], body["sigma"]) == (8, "bernoulli", None)
     assert body["providers"] == ["CPUExecutionProvider"]
-    assert set(body["calibration"]["scores"]) == {"neg_elbo", "neg_iwae", "recon_error"}
+    assert set(body["calibration"]["scores"]) == {
+        "neg_elbo",
+        "neg_iwae",
+        "recon_error",
+        "blur_recon_rel",
+    }
     assert body["calibration"]["images"] == 64  # fields beyond the schema are kept
     assert "onnx_max_abs_error" in body["metrics"]
 
