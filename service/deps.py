@@ -211,9 +211,8 @@ def _prepare_npy(data: bytes, shape: tuple[int, int, int], settings: Settings) -
     return np.stack([resize(convert_channels(image, c), h, w) for image in batch])
 
 
-async def _read_batch(
-    request: Request, settings: Settings, model: Model, shape: tuple[int, int, int]
-) -> F32:
+async def _read_batch(request: Request, settings: Settings, model: Model) -> F32:
+    shape = model.manifest.input_shape
     kind = media_type(request)
     if kind == "multipart/form-data":
         uploads = await _multipart_uploads(request)
@@ -224,9 +223,7 @@ async def _read_batch(
             raise _body_errors(exc) from None
         if body.pixels is not None:
             _check_count(len(body.pixels), settings, "pixels")
-            if model.inline(len(body.pixels)):
-                return _prepare_arrays(body.pixels, shape, settings)
-            return await model.offload(_prepare_arrays, body.pixels, shape, settings)
+            return await model.call(len(body.pixels), _prepare_arrays, body.pixels, shape, settings)
         assert body.images is not None  # the model validator guarantees one of the two
         uploads = [("", data) for data in body.images]
     elif kind.startswith("image/"):
@@ -239,9 +236,7 @@ async def _read_batch(
     else:
         raise unsupported_media(kind, IMAGE_MEDIA)
     _check_count(len(uploads), settings, "images")
-    if model.inline(len(uploads)):
-        return _decode_uploads(uploads, shape, settings)
-    return await model.offload(_decode_uploads, uploads, shape, settings)
+    return await model.call(len(uploads), _decode_uploads, uploads, shape, settings)
 
 
 @dataclass(frozen=True)
@@ -275,7 +270,7 @@ async def read_images(request: Request, served: Served) -> F32:
     threadpool (`Model.inline`).
     """
     model = served.model
-    x = await _read_batch(request, served.settings, model, model.manifest.input_shape)
+    x = await _read_batch(request, served.settings, model)
     model.metrics.images.labels(request.scope["route"].path).observe(len(x))
     return x
 

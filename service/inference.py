@@ -153,6 +153,13 @@ class Model:
         finally:
             self._offloaded -= 1
 
+    async def call(self, rows: int, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(*args)`, work of `rows` rows that needs no network: here when `inline(rows)`,
+        else in a worker thread."""
+        if self.inline(rows):
+            return fn(*args)
+        return await self.offload(fn, *args)
+
     async def run(self, rows: int, fn: "Callable[[Model], T]") -> T:
         """`fn(model)` for a request whose work is `rows` network rows: on the event loop with
         the unbatched model when `inline(rows)`, else in a worker thread, micro-batched when on.

@@ -19,7 +19,6 @@ from fastapi import APIRouter, Depends, Path, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from service import __version__
@@ -338,7 +337,7 @@ async def infer(
             answer["id"] = body.id
         return JSONResponse({**answer, "outputs": outputs})
 
-    return await run_in_threadpool(run)
+    return await model.offload(run)  # counted, so small requests meanwhile join the workers
 
 
 router.include_router(models)
