@@ -127,7 +127,14 @@ def test_after_close_calls_run_unbatched() -> None:
 
 @pytest.mark.parametrize(
     "setting, value",
-    [("max_batch_size", 0), ("max_batch_delay_ms", -1), ("max_queue", 0), ("batching", "maybe")],
+    [
+        ("max_batch_size", 0),
+        ("max_batch_delay_ms", -1),
+        ("max_queue", 0),
+        ("batching", "maybe"),
+        ("inline_max_rows", -1),
+        ("inline_max_rows", 70000),
+    ],
 )
 def test_bad_batching_settings_stop_start_up(setting: str, value: object) -> None:
     with pytest.raises(ValidationError, match=setting):
