@@ -28,10 +28,13 @@ def bounds(
 ) -> dict[str, float]:
     """Mean single-sample ELBO terms over x, and the IWAE-k bound when k > 0, in nats per image.
 
-    With binarize, each image is binarised once from the seeded generator; eps comes from the same
-    generator, so the figures are reproducible.
+    With binarize, each image is binarised once from the seeded generator. The ELBO's eps and
+    the IWAE's eps come from generators of their own, so the binarised images and the ELBO do not
+    depend on k, and bounds with different k are measured on the very same images.
     """
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)  # binarisation
+    g_elbo = torch.Generator().manual_seed(seed + 1)
+    g_iwae = torch.Generator().manual_seed(seed + 2)
     device = next(model.parameters()).device
     cfg, sigma = model.cfg, model.log_sigma.exp()
     sums = {"elbo": 0.0, "reconstruction": 0.0, "kl": 0.0}
@@ -45,13 +48,13 @@ def bounds(
             xb = data_mod.binarize(xb, g)
         xb = xb.to(device)
         mu, logvar = model.encode(xb)
-        eps = torch.randn((1, *mu.shape), generator=g).to(device)
+        eps = torch.randn((1, *mu.shape), generator=g_elbo).to(device)
         t = elbo(model.decode, xb, mu, logvar, eps, cfg.likelihood, sigma)
         sums["elbo"] += float(t.elbo.sum())
         sums["reconstruction"] += float(t.reconstruction.sum())
         sums["kl"] += float(t.kl.sum())
         if k:
-            eps = torch.randn((k, *mu.shape), generator=g).to(device)
+            eps = torch.randn((k, *mu.shape), generator=g_iwae).to(device)
             bound = iwae(model.decode, xb, mu, logvar, eps, cfg.likelihood, sigma, chunk=chunk)
             sums["iwae"] += float(bound.sum())
     return {key: v / len(x) for key, v in sums.items()}
