@@ -79,6 +79,13 @@ def _train_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--kl-warmup-epochs", type=int, default=0)
     p.add_argument("--objective", choices=["elbo", "iwae"], default="elbo")
     p.add_argument("--iwae-k", type=int, default=5)
+    p.add_argument(
+        "--iwae-gradient",
+        choices=["standard", "dreg"],
+        default="standard",
+        help="IWAE gradient estimator; dreg: doubly reparameterised (Tucker et al. 2018), a "
+        "lower-variance encoder gradient for large k",
+    )
     p.add_argument("--patience", type=int, default=0, help="early stopping; 0 = off")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--threads", type=int, default=0, help="torch threads; 0 = torch's default")

@@ -21,7 +21,7 @@ from model import data as data_mod
 from model.config import VAEConfig
 from model.evaluate import bounds
 from model.networks import VAE
-from model.objective import elbo, iwae
+from model.objective import elbo, iwae, iwae_dreg
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,7 @@ class TrainConfig:
     kl_warmup_epochs: int = 0
     objective: str = "elbo"  # elbo | iwae
     iwae_k: int = 5
+    iwae_gradient: str = "standard"  # standard | dreg (Tucker et al. 2018)
     patience: int = 0  # early stopping after this many epochs without a better val ELBO; 0 = off
     seed: int = 0
     device: str = "auto"
@@ -62,6 +63,10 @@ class TrainConfig:
             raise ValueError(f"--lr must be positive, got {self.lr}")
         if self.objective not in ("elbo", "iwae"):
             raise ValueError(f"--objective must be elbo or iwae, got {self.objective!r}")
+        if self.iwae_gradient not in ("standard", "dreg"):
+            raise ValueError(
+                f"--iwae-gradient must be standard or dreg, got {self.iwae_gradient!r}"
+            )
         if self.iwae_k <= 0:
             raise ValueError(f"--iwae-k must be positive, got {self.iwae_k}")
         if self.binarize not in ("dynamic", "none"):
@@ -223,7 +228,10 @@ def train(cfg: VAEConfig, tc: TrainConfig) -> TrainResult:
         """The loss of this rank's slice, scaled so DDP's average is the global batch's mean."""
         mu, logvar = net(xb) if distributed else model.encode(xb)
         sigma = model.log_sigma.exp()
-        if tc.objective == "iwae":
+        if tc.objective == "iwae" and tc.iwae_gradient == "dreg":
+            surrogate, bound = iwae_dreg(model.decode, xb, mu, logvar, eps, cfg.likelihood, sigma)
+            objective_sum = surrogate.sum()
+        elif tc.objective == "iwae":
             bound = iwae(model.decode, xb, mu, logvar, eps, cfg.likelihood, sigma)
             objective_sum = bound.sum()
         else:
@@ -239,7 +247,7 @@ def train(cfg: VAEConfig, tc: TrainConfig) -> TrainResult:
         # global batch, so N processes see exactly what one process with the same batch sees.
         g = torch.Generator().manual_seed(tc.seed * 100_003 + epoch)
         perm = torch.randperm(len(train_ds), generator=g)
-        t0, n_seen, elbo_sum = time.time(), 0, 0.0
+        t0, n_seen, n_mine, elbo_sum = time.time(), 0, 0, 0.0
         bar = tqdm(
             range(steps_per_epoch),
             desc=f"epoch {epoch}/{tc.epochs}",
@@ -261,11 +269,16 @@ def train(cfg: VAEConfig, tc: TrainConfig) -> TrainResult:
             loss.backward()  # type: ignore[no-untyped-call]
             opt.step()
             sched.step()
-            n_seen += len(xb)
+            n_seen += len(xb)  # the global batch: every rank steps through all of it
+            n_mine += len(bound)
             elbo_sum += float(bound.sum())
             if step % 20 == 0:
                 bar.set_postfix(loss=f"{float(loss.detach()):.2f}")
         seconds = time.time() - t0
+        if distributed:  # the training bound over every rank's slice, not this rank's alone
+            sums = torch.tensor([elbo_sum, float(n_mine)], dtype=torch.float64, device=device)
+            dist.all_reduce(sums)
+            elbo_sum, n_mine = float(sums[0]), int(sums[1])
         model.eval()
         k = tc.iwae_k if tc.objective == "iwae" else 0
         val = bounds(model, val_ds.images, k, tc.seed, tc.binarize == "dynamic", batch_size=1000)
@@ -273,7 +286,7 @@ def train(cfg: VAEConfig, tc: TrainConfig) -> TrainResult:
         val_bound = val["iwae"] if k else val["elbo"]
         row = {
             "epoch": epoch,
-            "train_bound": elbo_sum / max(n_seen, 1),
+            "train_bound": elbo_sum / max(n_mine, 1),
             "val_bound": val_bound,
             "val_elbo": val["elbo"],
             "val_reconstruction": val["reconstruction"],
@@ -281,7 +294,7 @@ def train(cfg: VAEConfig, tc: TrainConfig) -> TrainResult:
             "lr": opt.param_groups[0]["lr"],
             "beta": beta,
             "seconds": seconds,
-            "images_per_s": n_seen * world / seconds,
+            "images_per_s": n_seen / seconds,  # all ranks together: each saw 1/world of them
         }
         history.append(row)
         improved = val_bound > best

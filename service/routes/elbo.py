@@ -2,7 +2,7 @@
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Query, Request, Response
 
 from service.deps import (
     IMAGES_OPENAPI,
@@ -13,7 +13,7 @@ from service.deps import (
 )
 from service.inference import MAX_SEED, Model
 from service.objective import percentile_of, value_at
-from service.schemas import ElboPublic, ElboResult, Score
+from service.schemas import ElboPublic, Score, json_response
 from service.settings import Settings
 
 router = APIRouter(tags=["scores"])
@@ -51,7 +51,7 @@ def threshold_for(
     return None, None
 
 
-@router.post("/elbo", openapi_extra=IMAGES_OPENAPI)
+@router.post("/elbo", response_model=ElboPublic, openapi_extra=IMAGES_OPENAPI)
 async def elbo(
     request: Request,
     served: ServedDep,
@@ -69,7 +69,7 @@ async def elbo(
         float | None,
         Query(allow_inf_nan=False, description="anomaly threshold on the score for this request"),
     ] = None,
-) -> ElboPublic:
+) -> Response:
     """Score images: ELBO and its terms, optional IWAE, anomaly score, percentile and verdict."""
     model, settings = served.model, served.settings
     x = await read_images(request, served)
@@ -82,35 +82,37 @@ async def elbo(
     limit, source = threshold_for(model, settings, chosen, threshold)
     table = model.manifest.score_table(chosen)
 
-    def run(m: Model) -> ElboPublic:
+    def run(m: Model) -> Response:
         result = m.evaluate(x, samples=samples, k=k, score=chosen, score_draws=draws, seed=seed)
+        n, scores = len(x), result.score
         percentiles = (
-            percentile_of(result.score, table.percentiles, table.values)
+            percentile_of(scores, table.percentiles, table.values).tolist()
             if table and table.usable
-            else None
+            else [None] * n
         )
-        iwae = result.iwae.tolist() if result.iwae is not None else [None] * len(x)
-        rows = [
-            ElboResult(
-                elbo=float(result.terms.elbo[i]),
-                reconstruction=float(result.terms.reconstruction[i]),
-                kl=float(result.terms.kl[i]),
-                samples=samples,
-                iwae=iwae[i],
-                k=k,
-                anomaly_score=float(result.score[i]),
-                percentile=None if percentiles is None else float(percentiles[i]),
-                is_anomaly=None if limit is None else bool(result.score[i] > limit),
-            )
-            for i in range(len(x))
-        ]
-        return ElboPublic(
-            seed=seed,
-            score=chosen,
-            score_draws=draws,
-            threshold=limit,
-            threshold_source=source,
-            results=rows,
+        columns = {  # one list per ElboResult field, made by numpy rather than per row
+            "elbo": result.terms.elbo.tolist(),
+            "reconstruction": result.terms.reconstruction.tolist(),
+            "kl": result.terms.kl.tolist(),
+            "samples": [samples] * n,
+            "iwae": result.iwae.tolist() if result.iwae is not None else [None] * n,
+            "k": [k] * n,
+            "anomaly_score": scores.tolist(),
+            "percentile": percentiles,
+            "is_anomaly": (scores > limit).tolist() if limit is not None else [None] * n,
+        }
+        names = list(columns)
+        rows = [dict(zip(names, row, strict=True)) for row in zip(*columns.values(), strict=True)]
+        return json_response(
+            ElboPublic,
+            {
+                "seed": seed,
+                "score": chosen,
+                "score_draws": draws,
+                "threshold": limit,
+                "threshold_source": source,
+                "results": rows,
+            },
         )
 
     return await model.run(len(x) * max(samples, k or 0, draws, 1), run)

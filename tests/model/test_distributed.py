@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
@@ -41,3 +43,11 @@ def test_two_gloo_processes_match_one(tmp_path: Path) -> None:
         # floating-point sums in the gradient average (2 epochs of Adam: 1e-4 absolute)
         torch.testing.assert_close(r0[name], single[name], atol=1e-4, rtol=1e-3)
     assert (tmp_path / "two" / "checkpoint_best.pt").is_file()
+    # the history is the whole global batch's: the training bound over both ranks' slices (as
+    # one process measures it) and images/s counting each image once
+    one = json.loads((tmp_path / "one" / "history.json").read_text())
+    two = json.loads((tmp_path / "two" / "history.json").read_text())
+    for a, b in zip(one, two, strict=True):
+        assert b["train_bound"] == pytest.approx(a["train_bound"], rel=1e-3)
+        per_epoch = 1797 - 197  # digits minus the validation split
+        assert b["images_per_s"] == pytest.approx(per_epoch / b["seconds"], rel=1e-6)

@@ -136,3 +136,21 @@ def test_array_limits(make_client: MakeClient) -> None:
         small = np.zeros((1, 14, 14), dtype=np.uint8)
         check(post_npy(client, "/encode", small), 422, "the model takes 28x28 (VAE_STRICT_SIZE")
         assert post_npy(client, "/encode", grey(1)).status_code == 200
+
+
+def test_headers_are_read_afresh_for_each_shape(client: TestClient) -> None:
+    """Parsed headers are cached by their bytes: bodies that alternate between shapes, dtypes and
+    layouts still decode each by its own header, and a bad header after a good one is refused."""
+    pixels = grey(4)
+    variants = [pixels[:2], pixels, (pixels[:3] / 255.0).astype(np.float32), pixels[:2], pixels]
+    for array in variants:
+        reference = np.asarray(array, dtype=np.float64)
+        if array.dtype == np.uint8:
+            reference = reference / 255.0
+        as_json = client.post("/encode", json={"pixels": reference.tolist()})
+        np.testing.assert_allclose(mu(post_npy(client, "/encode", array)), mu(as_json), atol=1e-6)
+    body = bytearray(npy(pixels))
+    body[body.index(b"'descr'") + 10] = ord("Q")  # '|u1' -> '|Q1': no such dtype
+    refused = client.post("/encode", content=bytes(body), headers=NPY)
+    assert refused.status_code == 422
+    assert "is not a NumPy .npy array" in refused.text
