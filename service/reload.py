@@ -23,7 +23,7 @@ from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
 from service.bundle import BundleError, load_bundle
-from service.inference import BatchPolicy, Model
+from service.inference import BatchPolicy, Model, compute_slots
 from service.metrics import Metrics
 from service.settings import Settings
 
@@ -49,7 +49,13 @@ async def load_model(path: Path, settings: Settings, metrics: Metrics) -> Model:
         load_bundle, path, device=settings.device, threads=settings.threads
     )
     await run_in_threadpool(bundle.warm_up)
-    return Model(bundle, metrics, BatchPolicy.from_settings(settings), settings.inline_max_rows)
+    return Model(
+        bundle,
+        metrics,
+        BatchPolicy.from_settings(settings),
+        settings.inline_max_rows,
+        compute_slots(settings),
+    )
 
 
 def publish(metrics: Metrics, previous: Model | None, current: Model | None) -> None:

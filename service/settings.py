@@ -83,6 +83,14 @@ class Settings(BaseSettings):
         description="requests needing at most this many network rows (images x draws) run on "
         "the event loop, unbatched: cheaper than a thread hop for small work; 0: never",
     )
+    compute_slots: int = Field(
+        default=0,
+        ge=0,
+        le=4096,
+        description="requests computing in worker threads at once (all offloaded work without "
+        "VAE_BATCHING; with it, requests of a full micro-batch or more); the rest wait their turn "
+        "on the event loop. 0: the usable cores divided by VAE_THREADS",
+    )
     max_queue: int = Field(
         default=256,
         ge=1,

@@ -337,7 +337,9 @@ async def infer(
             answer["id"] = body.id
         return JSONResponse({**answer, "outputs": outputs})
 
-    return await model.offload(run)  # counted, so small requests meanwhile join the workers
+    # counted, so small requests meanwhile join the workers; a compute slot for a full batch
+    rows = tensor.shape[0] if tensor.shape else 1
+    return await model.offload(run, rows=rows)
 
 
 router.include_router(models)
