@@ -64,6 +64,21 @@ def _decode_samples(
     return log_likelihood(x.unsqueeze(0), out, likelihood, sigma)  # (S, B)
 
 
+def _log_weights(
+    decode: Decode,
+    x: torch.Tensor,
+    z: torch.Tensor,
+    mu: torch.Tensor,
+    logvar: torch.Tensor,
+    likelihood: str,
+    sigma: float | torch.Tensor,
+) -> torch.Tensor:
+    """log P(x|z) + log P(z) - log Q(z|x), Q = N(mu, diag exp(logvar)), for z (k, B, D): (k, B)."""
+    zeros = torch.zeros_like(mu)
+    log_pz = log_normal(z, zeros, zeros)
+    return _decode_samples(decode, x, z, likelihood, sigma) + log_pz - log_normal(z, mu, logvar)
+
+
 def elbo(
     decode: Decode,
     x: torch.Tensor,
@@ -99,9 +114,7 @@ def iwae(
     log_w = []
     for i in range(0, K, step):
         z = reparameterize(mu, logvar, eps[i : i + step])  # (k, B, D)
-        ll = _decode_samples(decode, x, z, likelihood, sigma)
-        zeros = torch.zeros_like(mu)
-        log_w.append(ll + log_normal(z, zeros, zeros) - log_normal(z, mu, logvar))  # (k, B)
+        log_w.append(_log_weights(decode, x, z, mu, logvar, likelihood, sigma))
     return torch.logsumexp(torch.cat(log_w), dim=0) - math.log(K)  # (B,)
 
 
@@ -127,9 +140,7 @@ def iwae_dreg(
     `(B,)`; the bound is the IWAE bound's value, as `iwae` gives it for the same eps.
     """
     z = reparameterize(mu, logvar, eps)  # (k, B, D)
-    zeros = torch.zeros_like(mu)
-    log_q = log_normal(z, mu.detach(), logvar.detach())
-    log_w = _decode_samples(decode, x, z, likelihood, sigma) + log_normal(z, zeros, zeros) - log_q
+    log_w = _log_weights(decode, x, z, mu.detach(), logvar.detach(), likelihood, sigma)
     w = torch.softmax(log_w.detach(), dim=0)  # (k, B)
     if z.requires_grad:
         z.register_hook(lambda grad: grad * w.unsqueeze(-1))  # type: ignore[no-untyped-call]

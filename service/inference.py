@@ -67,22 +67,23 @@ class BatchPolicy:
         """The policy `VAE_BATCHING` and friends ask for; None when batching is off."""
         if not settings.batching:
             return None
-        # onnxruntime uses `threads` cores per call: enough workers to keep every core busy
-        cpus = available_cpus()
         return cls(
             max_batch_size=settings.max_batch_size,
             max_delay_s=settings.max_batch_delay_ms / 1000,
             max_queue=settings.max_queue,
-            workers=max(1, cpus // (settings.threads or cpus)),
+            workers=parallel_calls(settings),
         )
 
 
-def compute_slots(settings: Settings) -> int:
-    """VAE_COMPUTE_SLOTS, with 0 resolved to the usable cores over the cores one call uses."""
-    if settings.compute_slots:
-        return settings.compute_slots
+def parallel_calls(settings: Settings) -> int:
+    """onnxruntime calls that keep every usable core busy: each uses VAE_THREADS cores (0: all)."""
     cpus = available_cpus()
     return max(1, cpus // (settings.threads or cpus))
+
+
+def compute_slots(settings: Settings) -> int:
+    """VAE_COMPUTE_SLOTS, with 0 resolved to the calls that keep every core busy."""
+    return settings.compute_slots or parallel_calls(settings)
 
 
 def available_cpus(cgroup: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
@@ -174,9 +175,9 @@ class Model:
 
         Bounding the threads that compute at once to about the cores leaves the rest of the
         requests waiting on the event loop, where waiting costs nothing, instead of as many
-        threads contending for the cores and the GIL: measured with bench/serving.py, 64-image
-        /elbo requests at concurrency 32 went from about 410 to 490 req/s with 2 slots on 2
-        cores, p99 from 128 to 79 ms.
+        threads contending for the cores and the GIL: with 2 slots on 2 cores, 64-image /elbo
+        requests at concurrency 32 gained a median 28 % in req/s and lost 40 % of their p99
+        (interleaved A/B with bench/serving.py's load process, BENCHMARKS.md section 3).
         """
         self._offloaded += 1  # only ever changed on the event loop's thread
         try:
