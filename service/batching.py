@@ -12,6 +12,7 @@ Callers are the route's worker threads (the model code is synchronous), so a cal
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -39,6 +40,7 @@ class QueueFull(RuntimeError):
 @dataclass
 class _Job:
     x: F32
+    requests: int = 1
     arrived: float = field(default_factory=time.perf_counter)
     future: Future[Outputs] = field(default_factory=Future)
 
@@ -70,6 +72,7 @@ class Batcher:
         self.queue_time = queue_time
         self._queue: deque[_Job] = deque()
         self._rows = 0  # rows in the queue
+        self._requests = 0  # requests in the queue
         self._closed = False
         self._ready = threading.Condition()
         self._gathering = threading.Lock()  # one worker gathers while the others run
@@ -88,21 +91,32 @@ class Batcher:
         """
         if len(x) >= self.max_batch_size:
             return self.fn(x)
-        job = _Job(x)
-        with self._ready:
-            closed = self._closed
-            if not closed:
-                if len(self._queue) >= self.max_queue:
-                    raise QueueFull(
-                        f"server busy: the {self.name} batch queue holds {self.max_queue} "
-                        "requests (VAE_MAX_QUEUE); retry later"
-                    )
-                self._queue.append(job)
-                self._rows += len(x)
-                self._ready.notify()
-        if closed:
+        future = self.submit(x)
+        if future is None:
             return self.fn(x)
-        return job.future.result()
+        return future.result()
+
+    def submit(self, x: F32, requests: int = 1) -> Future[Outputs] | None:
+        """Queue `x`, the rows of `requests` requests, without waiting for it; None once closed
+        (the caller then runs `fn` itself).
+
+        QueueFull when `max_queue` requests already wait; a job is taken whole, so the queue may
+        go over by less than one job.
+        """
+        job = _Job(x, requests)
+        with self._ready:
+            if self._closed:
+                return None
+            if self._requests >= self.max_queue:
+                raise QueueFull(
+                    f"server busy: the {self.name} batch queue holds {self._requests} "
+                    f"requests (VAE_MAX_QUEUE = {self.max_queue}); retry later"
+                )
+            self._queue.append(job)
+            self._rows += len(x)
+            self._requests += requests
+            self._ready.notify()
+        return job.future
 
     def close(self) -> None:
         """Run what is queued, stop the workers; later calls run unbatched in their own thread."""
@@ -139,6 +153,7 @@ class Batcher:
                 jobs.append(self._queue.popleft())
                 rows += len(jobs[-1].x)
             self._rows -= rows
+            self._requests -= sum(job.requests for job in jobs)
             return jobs
 
     def _run(self, jobs: Sequence[_Job]) -> None:
@@ -159,3 +174,96 @@ class Batcher:
             rows = slice(offset, offset + len(job.x))
             job.future.set_result(tuple(out[rows] for out in outputs))
             offset = rows.stop
+
+
+_Parked = tuple[F32, "asyncio.Future[Outputs]"]  # a call's rows and the future it awaits
+
+
+class Gatherer:
+    """Gathers one network's calls made on the event loop, so that concurrent requests share one
+    thread hop instead of paying one each.
+
+    A call parks its rows and awaits them. Parked calls are taken together once the event loop
+    has run everything that was ready before them (`loop.call_soon`), so requests that arrived
+    together meet. A lone call of at most `inline_max_rows` rows, with nothing of this gatherer's
+    out in the batcher, runs right there on the event loop (no hop: the lowest latency for an
+    idle server); otherwise the parked calls go to the batcher as one job per `max_batch_size`
+    rows, and the event loop serves HTTP while a worker thread runs them.
+    """
+
+    def __init__(self, batcher: Batcher, inline_max_rows: int) -> None:
+        self.batcher = batcher
+        self.inline_max_rows = inline_max_rows
+        self.out = 0  # jobs handed to the batcher and not yet back
+        self._parked: list[_Parked] = []
+        self._scheduled = False
+
+    async def __call__(self, x: F32) -> Outputs:
+        """`fn(x)`; QueueFull when the batcher's queue is full."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Outputs] = loop.create_future()
+        self._parked.append((x, future))
+        if not self._scheduled:
+            self._scheduled = True
+            loop.call_soon(self._take, loop)
+        return await future
+
+    def _take(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._scheduled = False
+        parked, self._parked = self._parked, []
+        if len(parked) == 1 and self.out == 0 and len(parked[0][0]) <= self.inline_max_rows:
+            try:
+                outputs = self.batcher.fn(parked[0][0])
+            except Exception as exc:
+                _fail(parked, exc)
+            else:
+                _deliver(parked, outputs)
+            return
+        group: list[_Parked] = []
+        rows = 0
+        for x, future in parked:
+            if group and rows + len(x) > self.batcher.max_batch_size:
+                self._hand_over(group, loop)
+                group, rows = [], 0
+            group.append((x, future))
+            rows += len(x)
+        self._hand_over(group, loop)
+
+    def _hand_over(self, group: list[_Parked], loop: asyncio.AbstractEventLoop) -> None:
+        x = group[0][0] if len(group) == 1 else np.concatenate([x for x, _ in group])
+        try:
+            job = self.batcher.submit(x, requests=len(group))
+        except QueueFull as exc:
+            _fail(group, exc)
+            return
+        self.out += 1
+        if job is None:  # closed: the model is being replaced; finish these in a worker thread
+            loop.run_in_executor(None, self.batcher.fn, x).add_done_callback(
+                lambda done: self._back(group, done)
+            )
+        else:
+            job.add_done_callback(lambda done: loop.call_soon_threadsafe(self._back, group, done))
+
+    def _back(self, group: list[_Parked], done: Future[Outputs] | asyncio.Future[Outputs]) -> None:
+        self.out -= 1
+        exc = done.exception()
+        if exc is None:
+            _deliver(group, done.result())
+        else:
+            _fail(group, exc)
+
+
+def _fail(group: Sequence[_Parked], exc: BaseException) -> None:
+    for _, future in group:
+        if not future.done():  # done: cancelled, its client gone
+            future.set_exception(exc)
+
+
+def _deliver(group: Sequence[_Parked], outputs: Outputs) -> None:
+    """Give each parked call exactly its own rows of the group's outputs."""
+    offset = 0
+    for x, future in group:
+        rows = slice(offset, offset + len(x))
+        offset = rows.stop
+        if not future.done():
+            future.set_result(tuple(out[rows] for out in outputs))

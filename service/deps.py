@@ -267,7 +267,7 @@ async def read_images(request: Request, served: Served) -> F32:
     Accepts multipart file uploads, a JSON body (`images`: base64 files, or `pixels`: nested
     arrays), one raw image body (`Content-Type: image/...`) or a NumPy array
     (`Content-Type: application/x-npy`). A few images decode on the event loop, more in the
-    threadpool (`Model.inline`).
+    threadpool (`Model.call`).
     """
     model = served.model
     x = await _read_batch(request, served.settings, model)

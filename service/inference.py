@@ -2,7 +2,8 @@
 
 These functions are synchronous and CPU-bound. Routes hand them to `Model.run`: small work runs
 on the event loop (a thread hop would cost more), the rest in a worker thread (onnxruntime
-releases the GIL). With micro-batching on, a call's rows may share one onnxruntime call with
+releases the GIL). Routes whose work is one small network call (/encode, /decode, /sample) await
+it through a Gatherer instead (service/batching.py): concurrent requests share one hop. With micro-batching on, a call's rows may share one onnxruntime call with
 other requests' rows (service/batching.py); eps is always drawn per request from the request's
 own seed, so results never depend on what a request was batched with or where it ran.
 """
@@ -19,7 +20,7 @@ import numpy as np
 from starlette.concurrency import run_in_threadpool
 
 from service import objective
-from service.batching import Batcher, RowFunction
+from service.batching import Batcher, Gatherer, RowFunction
 from service.bundle import MAX_DECODE_ROWS, Bundle, ScoreName
 from service.metrics import Metrics
 from service.settings import Settings
@@ -122,12 +123,17 @@ class Model:
         self._slots = asyncio.Semaphore(compute_slots) if compute_slots > 0 else None
         self._encoder: Batcher | None = None
         self._decoder: Batcher | None = None
+        self._gathers: dict[str, Gatherer] = {}
         # the same model without micro-batching, for work run on the event loop (`run`)
         self.direct: Model = self
         if batching is not None:
             self._encoder = self._batcher("encoder", self._run_encoder, batching)
             self._decoder = self._batcher("decoder", self._run_decoder, batching)
             self.direct = Model(bundle, metrics, None, inline_max_rows, compute_slots)
+            self._gathers = {
+                "encoder": Gatherer(self._encoder, inline_max_rows),
+                "decoder": Gatherer(self._decoder, inline_max_rows),
+            }
 
     def _batcher(self, network: str, fn: RowFunction, policy: BatchPolicy) -> Batcher:
         return Batcher(
@@ -156,7 +162,11 @@ class Model:
         work is out in worker threads, it joins them instead, to share their micro-batches and
         leave the event loop to HTTP; measured with bench/serving.py.
         """
-        return rows <= self.inline_max_rows and self._offloaded == 0
+        return (
+            rows <= self.inline_max_rows
+            and self._offloaded == 0
+            and not any(g.out for g in self._gathers.values())
+        )
 
     def _bounded(self, rows: int) -> bool:
         """Whether offloaded work of `rows` rows must hold a compute slot (VAE_COMPUTE_SLOTS).
@@ -189,9 +199,11 @@ class Model:
             self._offloaded -= 1
 
     async def call(self, rows: int, fn: Callable[..., T], *args: Any) -> T:
-        """`fn(*args)`, work of `rows` rows that needs no network: here when `inline(rows)`,
-        else in a worker thread."""
-        if self.inline(rows):
+        """`fn(*args)`, work of `rows` rows that needs no network (decoding uploads): here on the
+        event loop when at most VAE_INLINE_MAX_ROWS rows, else in a worker thread. Unlike `run`
+        it stays here while other work is out: it has no micro-batch to join, and a thread hop
+        costs more than decoding a few small images."""
+        if rows <= self.inline_max_rows:
             return fn(*args)
         return await self.offload(fn, *args, rows=rows)
 
@@ -202,6 +214,21 @@ class Model:
         if self.inline(rows):
             return fn(self.direct)
         return await self.offload(fn, self, rows=rows)
+
+    def gathers(self, rows: int) -> bool:
+        """Whether a request's single network call of `rows` rows goes through `encode_gathered`
+        / `decode_gathered`: with micro-batching on, and less than a micro-batch."""
+        return self._encoder is not None and rows < self._encoder.max_batch_size
+
+    async def encode_gathered(self, x: F32) -> tuple[F32, F32]:
+        """`encode(x)` awaited on the event loop, gathered with concurrent requests' calls
+        (service/batching.py, Gatherer); only where `gathers(len(x))`."""
+        mu, logvar = await self._gathers["encoder"](x)
+        return mu, logvar
+
+    async def decode_gathered(self, z: F32) -> F32:
+        """`decode(z)` awaited on the event loop, like `encode_gathered`."""
+        return (await self._gathers["decoder"](z))[0]
 
     @property
     def batching(self) -> bool:
@@ -229,8 +256,15 @@ class Model:
 
     def decode_mean(self, z: F32) -> F32:
         """`z (N, D)` -> the mean of p(x|z), `(N, C, H, W)`; ValueError if it is not finite."""
+        return self._mean(self.decode(z))
+
+    async def decode_mean_gathered(self, z: F32) -> F32:
+        """`decode_mean(z)` awaited on the event loop, like `encode_gathered`."""
+        return self._mean(await self.decode_gathered(z))
+
+    def _mean(self, decoded: F32) -> F32:
         with np.errstate(invalid="ignore", over="ignore"):  # reported below as a ValueError
-            mean = objective.likelihood_mean(self.decode(z), self.manifest.likelihood)
+            mean = objective.likelihood_mean(decoded, self.manifest.likelihood)
         bad = ~np.isfinite(mean).all(axis=(1, 2, 3))
         if bad.any():
             raise ValueError(f"the decoder output is not finite for rows {np.flatnonzero(bad)}")

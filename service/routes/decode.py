@@ -33,6 +33,14 @@ def decode_mean(model: Model, z: F32, loc: tuple[str, ...], hint: str) -> F32:
         raise invalid(loc, f"{exc}; {hint}") from None
 
 
+async def decode_mean_gathered(model: Model, z: F32, loc: tuple[str, ...], hint: str) -> F32:
+    """`decode_mean` awaited on the event loop, for `z` where `model.gathers(len(z))`."""
+    try:
+        return await model.decode_mean_gathered(z)
+    except ValueError as exc:
+        raise invalid(loc, f"{exc}; {hint}") from None
+
+
 def validated_z(body: DecodeRequest, model: Model, max_rows: int) -> F32:
     """The request's z as float32 `(B, D)`, with the row count and width checked."""
     d = model.manifest.latent_dim
@@ -69,8 +77,12 @@ async def decode(
     z = validated_z(body, model, settings.max_images)
     model.metrics.images.labels("/decode").observe(len(z))
 
-    def run(m: Model) -> ImagesPublic | Response:
-        mean = decode_mean(m, z, ("body", "z"), "use latent values of a sensible size")
+    loc, hint = ("body", "z"), "use latent values of a sensible size"
+    if model.gathers(len(z)):  # small: one gathered decoder call, rendered on the event loop
+        mean = await decode_mean_gathered(model, z, loc, hint)
         return render_images(mean, fmt, model.manifest.likelihood)
+
+    def run(m: Model) -> ImagesPublic | Response:
+        return render_images(decode_mean(m, z, loc, hint), fmt, model.manifest.likelihood)
 
     return await model.run(len(z), run)

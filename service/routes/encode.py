@@ -5,7 +5,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request
 
 from service.deps import IMAGES_OPENAPI, ServedDep, read_images
-from service.inference import MAX_SEED, Model, draw_eps, fresh_seed
+from service.inference import F32, MAX_SEED, draw_eps, fresh_seed
 from service.objective import reparameterize
 from service.schemas import EncodePublic, LatentPublic
 
@@ -25,15 +25,16 @@ async def encode(
     model, x = served.model, await read_images(request, served)
     used_seed = (fresh_seed() if seed is None else seed) if sample else None
 
-    def run(m: Model) -> EncodePublic:
-        mu, logvar = m.encode(x)  # (B, D) each
+    def respond(mu: F32, logvar: F32) -> EncodePublic:
         z = None
         if used_seed is not None:
             z = reparameterize(mu, logvar, draw_eps(used_seed, mu.shape)).tolist()
         results = [
-            LatentPublic(mu=m, logvar=lv, z=None if z is None else z[i])
-            for i, (m, lv) in enumerate(zip(mu.tolist(), logvar.tolist(), strict=True))
+            LatentPublic(mu=row, logvar=lv, z=None if z is None else z[i])
+            for i, (row, lv) in enumerate(zip(mu.tolist(), logvar.tolist(), strict=True))
         ]
         return EncodePublic(latent_dim=mu.shape[1], seed=used_seed, results=results)
 
-    return await model.run(len(x), run)
+    if model.gathers(len(x)):  # small: one gathered encoder call, the response on the event loop
+        return respond(*await model.encode_gathered(x))
+    return await model.run(len(x), lambda m: respond(*m.encode(x)))

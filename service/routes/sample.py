@@ -5,9 +5,9 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request, Response
 
 from service.deps import ServedDep, over_limit
-from service.inference import MAX_SEED, Model, draw_eps, fresh_seed
+from service.inference import F32, MAX_SEED, draw_eps, fresh_seed
 from service.rendering import IMAGE_RESPONSES, choose_format, render_images
-from service.routes.decode import FORMAT_QUERY, decode_mean
+from service.routes.decode import FORMAT_QUERY, decode_mean, decode_mean_gathered
 from service.schemas import ImagesPublic, OutputFormat, SamplePublic
 
 router = APIRouter(tags=["images"])
@@ -34,14 +34,14 @@ async def sample(
     fmt = choose_format(output, request.headers.get("accept"))
     used_seed = fresh_seed() if seed is None else seed
     model.metrics.images.labels("/sample").observe(n)
+    z = temperature * draw_eps(used_seed, (n, model.manifest.latent_dim))
+    loc, hint = ("query", "temperature"), "lower the temperature"
 
-    def run(m: Model) -> ImagesPublic | Response:
-        z = temperature * draw_eps(used_seed, (n, m.manifest.latent_dim))
-        mean = decode_mean(m, z, ("query", "temperature"), "lower the temperature")
+    def respond(mean: F32) -> ImagesPublic | Response:
         return render_images(
             mean,
             fmt,
-            m.manifest.likelihood,
+            model.manifest.likelihood,
             public=SamplePublic,
             headers={"X-Seed": str(used_seed)},
             seed=used_seed,
@@ -49,4 +49,6 @@ async def sample(
             z=z.tolist(),
         )
 
-    return await model.run(n, run)
+    if model.gathers(n):  # small: one gathered decoder call, rendered on the event loop
+        return respond(await decode_mean_gathered(model, z, loc, hint))
+    return await model.run(n, lambda m: respond(decode_mean(m, z, loc, hint)))

@@ -345,8 +345,8 @@ def test_pixel_arrays_over_the_pixel_limit(make_client: MakeClient) -> None:
 def test_non_finite_decoder_output_is_a_422(
     make_client: MakeClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(
-        Model, "decode", lambda self, z: np.full((len(z), 1, 28, 28), np.nan, np.float32)
+    monkeypatch.setattr(  # every decoder call, batched, gathered or direct, goes through it
+        Model, "_run_decoder", lambda self, z: (np.full((len(z), 1, 28, 28), np.nan, np.float32),)
     )
     with make_client() as client:
         response = client.post("/decode", json={"z": [Z8, Z8]})

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -16,7 +18,7 @@ from fastapi.testclient import TestClient
 from prometheus_client import Histogram
 from pydantic import ValidationError
 
-from service.batching import Batcher, QueueFull
+from service.batching import Batcher, Gatherer, QueueFull
 from service.inference import available_cpus
 from service.settings import Settings
 from tests.service.conftest import MakeClient
@@ -99,7 +101,7 @@ def test_a_full_queue_refuses_and_the_rest_complete() -> None:
     refused = [e for e in outcomes if e is not None]
     # 1 running, 2 waiting, 5 refused
     assert len(refused) == 5 and all(isinstance(e, QueueFull) for e in refused)
-    assert "batch queue holds 2 requests (VAE_MAX_QUEUE); retry later" in str(refused[0])
+    assert "batch queue holds 2 requests (VAE_MAX_QUEUE = 2); retry later" in str(refused[0])
     assert sum(fn.calls) == 3
     batches.close()
 
@@ -123,6 +125,150 @@ def test_after_close_calls_run_unbatched() -> None:
     batches.close()
     doubled, _ = batches(np.ones((1, 2), dtype=np.float32))
     assert fn.calls == [1] and doubled.tolist() == [[2.0, 2.0]]
+
+
+class ThreadRecorder(Recorder):
+    """A Recorder that also notes whether each call ran on the event loop's thread."""
+
+    def __init__(self, gate: threading.Event | None = None) -> None:
+        super().__init__(gate)
+        self.on_loop: list[bool] = []
+
+    def __call__(self, x: F32) -> tuple[F32, F32]:
+        self.on_loop.append(threading.current_thread() is threading.main_thread())
+        return super().__call__(x)
+
+
+def gather(fn: Recorder, inline_max_rows: int = 16, **policy: Any) -> Gatherer:
+    options = {"max_delay_s": 0.0, **policy}
+    return Gatherer(batcher(fn, **options), inline_max_rows)
+
+
+async def call_all(gatherer: Gatherer, inputs: list[F32]) -> list[Any]:
+    """Every input in its own task, all at once; each outcome (outputs or exception), in order."""
+    return await asyncio.gather(*(gatherer(x) for x in inputs), return_exceptions=True)
+
+
+def test_gathered_calls_share_jobs_and_each_gets_exactly_its_own_rows() -> None:
+    fn = ThreadRecorder()
+    gatherer = gather(fn, max_batch_size=8)
+    inputs = [np.full((1 + i % 3, 4), i, dtype=np.float32) for i in range(REQUESTS)]
+    results = asyncio.run(call_all(gatherer, inputs))
+    gatherer.batcher.close()
+    for x, (doubled, total) in zip(inputs, results, strict=True):
+        np.testing.assert_array_equal(doubled, 2 * x)
+        np.testing.assert_array_equal(total, x.sum(axis=1))
+    assert sum(fn.calls) == sum(len(x) for x in inputs)
+    assert max(fn.calls) <= 8 and len(fn.calls) < REQUESTS / 2  # shared, never over a batch
+    assert not any(fn.on_loop) and gatherer.out == 0  # in the batcher's thread, all back
+
+
+@pytest.mark.parametrize(
+    "rows, inline_max_rows, on_loop",
+    [(1, 16, True), (16, 16, True), (17, 16, False), (1, 0, False)],
+)
+def test_a_lone_small_call_runs_on_the_event_loop(
+    rows: int, inline_max_rows: int, on_loop: bool
+) -> None:
+    fn = ThreadRecorder()
+    gatherer = gather(fn, inline_max_rows)
+    x = np.ones((rows, 2), dtype=np.float32)
+    doubled, _ = asyncio.run(gatherer(x))
+    gatherer.batcher.close()
+    np.testing.assert_array_equal(doubled, 2 * x)
+    assert fn.on_loop == [on_loop]
+
+
+def test_while_a_job_is_out_a_lone_call_joins_the_batcher() -> None:
+    gate = threading.Event()
+    fn = ThreadRecorder(gate)
+    gatherer = gather(fn)
+    x = np.ones((1, 2), dtype=np.float32)
+
+    async def scenario() -> None:
+        first = asyncio.gather(*(gatherer(x) for _ in range(2)))  # two: handed to the batcher
+        while not fn.entered.is_set():
+            await asyncio.sleep(0.001)
+        assert gatherer.out == 1
+        second = asyncio.ensure_future(gatherer(x))  # alone, but one job is out
+        await asyncio.sleep(0.01)
+        gate.set()
+        await first
+        await second
+
+    asyncio.run(scenario())
+    gatherer.batcher.close()
+    assert fn.on_loop == [False, False] and fn.calls == [2, 1]
+
+
+def test_a_full_queue_refuses_whole_groups_and_the_rest_complete() -> None:
+    gate = threading.Event()
+    fn = Recorder(gate)
+    gatherer = gather(fn, inline_max_rows=0, max_queue=2, workers=1)
+    x = np.ones((1, 2), dtype=np.float32)
+
+    async def scenario() -> list[Any]:
+        running = asyncio.ensure_future(gatherer(x))
+        while not fn.entered.is_set():  # the worker holds it: the queue is empty again
+            await asyncio.sleep(0.001)
+        waiting = asyncio.ensure_future(call_all(gatherer, [x] * 3))  # one job of 3 requests
+        await asyncio.sleep(0.01)
+        refused = await call_all(gatherer, [x] * 2)  # 3 wait, over VAE_MAX_QUEUE = 2
+        gate.set()
+        return [await running, *await waiting, *refused]
+
+    outcomes = asyncio.run(scenario())
+    gatherer.batcher.close()
+    assert all(isinstance(o, tuple) for o in outcomes[:4])
+    assert all(isinstance(o, QueueFull) for o in outcomes[4:])
+    assert "batch queue holds 3 requests (VAE_MAX_QUEUE = 2); retry later" in str(outcomes[4])
+    assert fn.calls == [1, 3] and gatherer.out == 0
+
+
+@pytest.mark.parametrize("inline_max_rows", [16, 0])
+def test_a_failing_call_fails_every_gathered_caller(inline_max_rows: int) -> None:
+    def broken(x: F32) -> tuple[F32]:
+        raise RuntimeError("onnxruntime fell over")
+
+    gatherer = Gatherer(batcher(broken), inline_max_rows)
+    inputs = [np.ones((1, 2), dtype=np.float32)] * 4
+    for outcome in [
+        *asyncio.run(call_all(gatherer, inputs)),
+        *asyncio.run(call_all(gatherer, inputs[:1])),
+    ]:
+        assert isinstance(outcome, RuntimeError) and "fell over" in str(outcome)
+    gatherer.batcher.close()
+    assert gatherer.out == 0
+
+
+def test_after_close_gathered_calls_still_complete_off_the_loop() -> None:
+    fn = ThreadRecorder()
+    gatherer = gather(fn)
+    gatherer.batcher.close()
+    inputs = [np.full((1, 2), i, dtype=np.float32) for i in range(3)]
+    results = asyncio.run(call_all(gatherer, inputs))
+    assert [r[0].tolist() for r in results] == [[[0.0, 0.0]], [[2.0, 2.0]], [[4.0, 4.0]]]
+    assert fn.calls == [3] and fn.on_loop == [False] and gatherer.out == 0
+
+
+def test_a_cancelled_caller_leaves_the_others_their_rows() -> None:
+    gate = threading.Event()
+    fn = Recorder(gate)
+    gatherer = gather(fn)
+    inputs = [np.full((1, 2), i, dtype=np.float32) for i in range(3)]
+
+    async def scenario() -> list[Any]:
+        tasks = [asyncio.ensure_future(gatherer(x)) for x in inputs]
+        while not fn.entered.is_set():
+            await asyncio.sleep(0.001)
+        tasks[1].cancel()  # its client went away while the batch ran
+        gate.set()
+        return await asyncio.gather(*tasks, return_exceptions=True)
+
+    first, cancelled, last = asyncio.run(scenario())
+    gatherer.batcher.close()
+    assert isinstance(cancelled, asyncio.CancelledError)
+    assert first[0].tolist() == [[0.0, 0.0]] and last[0].tolist() == [[4.0, 4.0]]
 
 
 @pytest.mark.parametrize(
@@ -198,7 +344,11 @@ def test_a_full_queue_answers_503_with_retry_after(make_client: MakeClient) -> N
     busy = [r for r in responses if r.status_code == 503]
     assert busy and all(r.status_code == 200 for r in responses if r not in busy)
     assert busy[0].headers["retry-after"] == "1"
-    assert "encoder batch queue holds 1 requests (VAE_MAX_QUEUE)" in busy[0].json()["detail"]
+    # a gathered job is taken whole, so more than VAE_MAX_QUEUE requests may be waiting
+    assert re.search(
+        r"encoder batch queue holds \d+ requests \(VAE_MAX_QUEUE = 1\); retry later",
+        busy[0].json()["detail"],
+    )
 
 
 @pytest.mark.parametrize(
@@ -212,3 +362,25 @@ def test_available_cpus_honours_a_cgroup_quota(
     affinity = len(os.sched_getaffinity(0))
     assert available_cpus(tmp_path / "cpu.max") == min(expected or affinity, affinity)
     assert available_cpus(tmp_path / "absent") == affinity
+
+
+def test_gathered_decoder_calls_equal_unbatched(make_client: MakeClient) -> None:
+    """/sample and /decode from many threads at once, through the gatherer, against no batching."""
+
+    def run_all(client: TestClient) -> list[Any]:
+        def one(i: int) -> Any:
+            sample = client.get("/sample", params={"n": 1 + i % 3, "seed": i, "format": "arrays"})
+            z = sample.json()["z"]
+            decoded = client.post("/decode", json={"z": z}, params={"format": "arrays"})
+            assert sample.status_code == decoded.status_code == 200, decoded.text
+            return sample.json()["arrays"], decoded.json()["arrays"]
+
+        with ThreadPoolExecutor(16) as pool:
+            return list(pool.map(one, range(REQUESTS)))
+
+    with make_client(batching=False, inline_max_rows=0) as client:
+        alone = run_all(client)
+    with make_client(batching=True) as client:
+        gathered = run_all(client)
+    assert gathered == alone
+    assert all(sampled == decoded for sampled, decoded in gathered)  # same z, same images

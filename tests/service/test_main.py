@@ -102,13 +102,14 @@ def test_openapi_examples_work(client: TestClient) -> None:
 def test_inference_does_not_block_the_event_loop(
     make_client: MakeClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    original = Model.encode
+    original = Model._run_encoder
 
     def slow_encode(self: Model, x):  # type: ignore[no-untyped-def]
         time.sleep(1.0)  # stands in for a long onnxruntime call
         return original(self, x)
 
-    monkeypatch.setattr(Model, "encode", slow_encode)
+    # every encoder call (micro-batched, gathered or direct) goes through _run_encoder
+    monkeypatch.setattr(Model, "_run_encoder", slow_encode)
     with make_client(inline_max_rows=0) as client:  # every request's work in a worker thread
         slow = threading.Thread(
             target=lambda: client.post("/encode", files=files(encode(stroke())))
@@ -129,6 +130,9 @@ def test_inference_does_not_block_the_event_loop(
         (17, {}, False),
         (1, {"inline_max_rows": 0}, False),
         (1, {"busy": True}, False),
+        (1, {"batching": False}, True),
+        (17, {"batching": False}, False),
+        (1, {"batching": False, "busy": True}, False),
     ],
 )
 def test_small_work_runs_on_the_event_loop_the_rest_in_a_worker(
@@ -138,7 +142,7 @@ def test_small_work_runs_on_the_event_loop_the_rest_in_a_worker(
     settings: dict[str, Any],
     on_loop: bool,
 ) -> None:
-    original = Model.encode
+    original = Model._run_encoder
     where: list[bool] = []
 
     def spy(self: Model, x):  # type: ignore[no-untyped-def]
@@ -149,11 +153,14 @@ def test_small_work_runs_on_the_event_loop_the_rest_in_a_worker(
             where.append(False)
         return original(self, x)
 
-    monkeypatch.setattr(Model, "encode", spy)
+    monkeypatch.setattr(Model, "_run_encoder", spy)
     busy = settings.pop("busy", False)
     with make_client(**settings) as client:
-        if busy:  # another request's work is out in a worker thread: join it there
-            client.app.state.model._offloaded = 1  # type: ignore[attr-defined]
+        model = client.app.state.model  # type: ignore[attr-defined]
+        if busy and model.batching:  # a gathered job is out in the batcher: join the batcher
+            model._gathers["encoder"].out = 1
+        elif busy:  # another request's work is out in a worker thread: join it there
+            model._offloaded = 1
         body = [("images", (f"{i}.png", encode(stroke()), "image/png")) for i in range(images)]
         response = client.post("/encode", files=body)
     assert response.status_code == 200, response.text
