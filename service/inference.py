@@ -2,10 +2,11 @@
 
 These functions are synchronous and CPU-bound. Routes hand them to `Model.run`: small work runs
 on the event loop (a thread hop would cost more), the rest in a worker thread (onnxruntime
-releases the GIL). Routes whose work is one small network call (/encode, /decode, /sample) await
-it through a Gatherer instead (service/batching.py): concurrent requests share one hop. With micro-batching on, a call's rows may share one onnxruntime call with
-other requests' rows (service/batching.py); eps is always drawn per request from the request's
-own seed, so results never depend on what a request was batched with or where it ran.
+releases the GIL). With micro-batching on, a call's rows may share one onnxruntime call with
+other requests' rows (service/batching.py), and routes whose work is one small network call
+(/encode, /decode, /sample) await it through a Gatherer, so that concurrent requests share one
+thread hop. eps is always drawn per request from the request's own seed, so results never
+depend on what a request was batched with or where it ran.
 """
 
 import asyncio

@@ -18,7 +18,7 @@ from fastapi.testclient import TestClient
 from prometheus_client import Histogram
 from pydantic import ValidationError
 
-from service.batching import Batcher, Gatherer, QueueFull
+from service.batching import EARLY_ROWS, Batcher, Gatherer, QueueFull
 from service.inference import available_cpus
 from service.settings import Settings
 from tests.service.conftest import MakeClient
@@ -199,6 +199,27 @@ def test_while_a_job_is_out_a_lone_call_joins_the_batcher() -> None:
     asyncio.run(scenario())
     gatherer.batcher.close()
     assert fn.on_loop == [False, False] and fn.calls == [2, 1]
+
+
+def test_parked_rows_go_to_the_batcher_early_once_enough_are_parked() -> None:
+    fn = Recorder()
+    gatherer = gather(fn)
+    assert gatherer.early_rows == EARLY_ROWS == 8
+    submitted: list[tuple[int, int]] = []
+    submit = gatherer.batcher.submit
+
+    def spy(x: F32, requests: int = 1) -> Any:
+        submitted.append((len(x), requests))
+        return submit(x, requests)
+
+    gatherer.batcher.submit = spy  # type: ignore[method-assign]
+    inputs = [np.full((4, 2), i, dtype=np.float32) for i in range(3)]
+    results = asyncio.run(call_all(gatherer, inputs))
+    gatherer.batcher.close()
+    # the first two (8 rows) left as soon as the second was parked; the third at the round's end
+    assert submitted == [(8, 2), (4, 1)]
+    for x, (doubled, _) in zip(inputs, results, strict=True):
+        np.testing.assert_array_equal(doubled, 2 * x)
 
 
 def test_a_full_queue_refuses_whole_groups_and_the_rest_complete() -> None:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import io
+from typing import Any
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from service import imaging
 from service.imaging import ImageError, convert_channels, decode_image, grid_png, resize, to_png
 from tests.service.helpers import encode, noise, png_header_only, stroke
 
@@ -131,3 +133,69 @@ def test_png_round_trip() -> None:
 def test_grid_is_near_square(count: int, columns: int, rows: int) -> None:
     grid = Image.open(io.BytesIO(grid_png(np.ones((count, *GREY), np.float32))))
     assert grid.size == (columns * 30 + 2, rows * 30 + 2)
+
+
+def pillow_only(monkeypatch: pytest.MonkeyPatch, data: bytes, shape: tuple[int, int, int]) -> Any:
+    """The same upload decoded with the libspng path switched off: Pillow alone."""
+    with monkeypatch.context() as patch:
+        patch.setattr(imaging, "_plain_png", lambda data, channels, max_pixels: None)
+        return decode(data, shape)
+
+
+@pytest.mark.parametrize(
+    "pixels, shape",
+    [
+        (noise(), GREY),
+        (stroke(), GREY),
+        (noise(size=56), GREY),  # resized after decoding
+        (noise(size=10), GREY),
+        (np.random.default_rng(1).random((40, 30, 3)), RGB),
+        (np.random.default_rng(2).random((28, 28, 3)), RGB),
+    ],
+    ids=["grey", "stroke", "grey-56", "grey-10", "rgb-40x30", "rgb"],
+)
+def test_plain_pngs_decode_through_libspng_exactly_as_through_pillow(
+    monkeypatch: pytest.MonkeyPatch, pixels: np.ndarray, shape: tuple[int, int, int]
+) -> None:
+    data = encode(pixels)
+    loads = []
+    monkeypatch.setattr(
+        imaging.pyspng, "load", lambda d, load=imaging.pyspng.load: loads.append(1) or load(d)
+    )
+    out = decode(data, shape)
+    assert loads == [1]  # the fast path was taken
+    expected = pillow_only(monkeypatch, data, shape)
+    assert out.dtype == expected.dtype == np.float32
+    np.testing.assert_array_equal(out, expected)
+
+
+@pytest.mark.parametrize(
+    "data, shape",
+    [
+        (encode(np.random.default_rng(2).random((28, 28, 3))), GREY),  # needs Pillow's luma
+        (encode(stroke()), RGB),
+        (encode(stroke(), mode="RGBA"), GREY),
+        (encode(stroke(), mode="LA"), GREY),
+        (encode(stroke(), mode="P"), GREY),
+        (encode(stroke(), mode="1"), GREY),
+        (encode(stroke(), mode="I;16"), GREY),
+        (encode(stroke(), "BMP"), GREY),
+    ],
+    ids=["rgb-to-grey", "grey-to-rgb", "rgba", "la", "palette", "1-bit", "16-bit", "bmp"],
+)
+def test_other_images_go_to_pillow(
+    monkeypatch: pytest.MonkeyPatch, data: bytes, shape: tuple[int, int, int]
+) -> None:
+    def refuse(data: bytes) -> None:
+        raise AssertionError("libspng was asked to decode an image Pillow must convert")
+
+    monkeypatch.setattr(imaging.pyspng, "load", refuse)
+    assert decode(data, shape).shape == shape
+
+
+def test_a_corrupt_plain_png_is_named_by_pillow(monkeypatch: pytest.MonkeyPatch) -> None:
+    data = bytearray(encode(noise()))
+    data[60:80] = b"\xff" * 20  # inside the IDAT stream; the IHDR still reads as 8-bit grey
+    with pytest.raises(ImageError, match="could not be decoded") as info:
+        decode(bytes(data))
+    assert info.value.status == 422
