@@ -12,7 +12,7 @@ depend on what a request was batched with or where it ran.
 import asyncio
 import os
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -30,6 +30,10 @@ F32 = objective.F32
 F64 = objective.F64
 MAX_SEED = 2**63 - 1
 T = TypeVar("T")
+# Model code as steps: a generator yielding `(network, rows)` for each network call it needs and
+# sent that call's outputs; `Model._drive` runs it in the calling thread, `evaluate_gathered`
+# on the event loop.
+Steps = Generator[tuple[str, F32], tuple[F32, ...], T]
 
 
 def fresh_seed() -> int:
@@ -273,14 +277,19 @@ class Model:
 
     def log_px(self, x: F32, z: F32) -> F64:
         """log p(x|z) for `x (B, C, H, W)` and `z (N, B, D)` -> `(N, B)`, in bounded chunks."""
+        return self._drive(self._log_px(x, z))
+
+    def _log_px(self, x: F32, z: F32) -> Steps[F64]:
         n, b, d = z.shape
         per_call = max(1, MAX_DECODE_ROWS // b)  # whole samples per decoder call
         chunks = []
         for start in range(0, n, per_call):
             zs = z[start : start + per_call]
-            out = self.decode(zs.reshape(-1, d)).reshape(len(zs), *x.shape)
+            (out,) = yield "decoder", zs.reshape(-1, d)
             chunks.append(
-                objective.log_likelihood(x, out, self.manifest.likelihood, self.manifest.sigma)
+                objective.log_likelihood(
+                    x, out.reshape(len(zs), *x.shape), self.manifest.likelihood, self.manifest.sigma
+                )
             )
         return np.concatenate(chunks)
 
@@ -300,13 +309,55 @@ class Model:
         neg_elbo, `k` for neg_iwae); all quantities share one draw of eps, so a shared prefix is
         decoded once.
         """
+        return self._drive(self._evaluate(x, samples, k, score, score_draws, seed))
+
+    async def evaluate_gathered(
+        self,
+        x: F32,
+        *,
+        samples: int,
+        k: int | None,
+        score: ScoreName,
+        score_draws: int,
+        seed: int,
+    ) -> Evaluation:
+        """`evaluate` awaited on the event loop, its network calls gathered with concurrent
+        requests' (like `encode_gathered`); only where `gathers` for its rows."""
+        return await self._drive_gathered(self._evaluate(x, samples, k, score, score_draws, seed))
+
+    async def _drive_gathered(self, steps: "Steps[T]") -> T:
+        """Run model code written as steps on the event loop, each network call gathered."""
+        try:
+            network, rows = next(steps)
+            while True:
+                network, rows = steps.send(await self._gathers[network](rows))
+        except StopIteration as done:
+            result: T = done.value
+            return result
+
+    def _drive(self, steps: "Steps[T]") -> T:
+        """Run model code written as steps (below), each network call made right here."""
+        try:
+            network, rows = next(steps)
+            while True:
+                outputs = self.encode(rows) if network == "encoder" else (self.decode(rows),)
+                network, rows = steps.send(outputs)
+        except StopIteration as done:
+            result: T = done.value
+            return result
+
+    def _evaluate(
+        self, x: F32, samples: int, k: int | None, score: ScoreName, score_draws: int, seed: int
+    ) -> Steps[Evaluation]:
+        """`evaluate` as steps: it yields each network call it needs, `(network, rows)`, and is
+        sent that call's outputs, so one body of math serves the thread and the event loop."""
         b = len(x)
-        mu, logvar = self.encode(x)  # (B, D) each
+        mu, logvar = yield "encoder", x  # (B, D) each
         kl = objective.kl_divergence(mu, logvar)
         n = max(samples, k or 0, score_draws)
         eps = draw_eps(seed, (n, b, self.manifest.latent_dim))
         z = objective.reparameterize(mu, logvar, eps)  # (n, B, D)
-        log_px = self.log_px(x, z)  # (n, B)
+        log_px = yield from self._log_px(x, z)  # (n, B)
 
         terms = objective.elbo(log_px[:samples], kl)
         iwae = objective.iwae(log_px[:k], z[:k], mu, logvar) if k else None
@@ -314,16 +365,27 @@ class Model:
             values = -objective.elbo(log_px[:score_draws], kl).elbo
         elif score == "neg_iwae":
             values = -objective.iwae(log_px[:score_draws], z[:score_draws], mu, logvar)
-        elif score == "recon_error":  # deterministic, the decoder's mean at z = mu
-            values = objective.squared_error(x, self.decode_mean(mu))
-        else:  # blur_recon_rel: deterministic too
-            values = objective.blur_recon_rel(x, self.decode_mean(mu))
+        else:  # recon_error, blur_recon_rel: deterministic, the decoder's mean at z = mu
+            (decoded,) = yield "decoder", mu
+            mean = self._mean(decoded)
+            if score == "recon_error":
+                values = objective.squared_error(x, mean)
+            else:
+                values = objective.blur_recon_rel(x, mean)
         return Evaluation(terms=terms, iwae=iwae, score=values)
 
     def reconstruct(self, x: F32) -> F32:
         """The decoder's mean at `z = mu`, `(B, C, H, W)`: what the model makes of each image."""
-        mu, _ = self.encode(x)
-        return self.decode_mean(mu)
+        return self._drive(self._reconstruct(x))
+
+    async def reconstruct_gathered(self, x: F32) -> F32:
+        """`reconstruct` awaited on the event loop, like `evaluate_gathered`."""
+        return await self._drive_gathered(self._reconstruct(x))
+
+    def _reconstruct(self, x: F32) -> Steps[F32]:
+        mu, _ = yield "encoder", x
+        (decoded,) = yield "decoder", mu
+        return self._mean(decoded)
 
     def info(self) -> dict[str, Any]:
         """Labels describing the loaded model."""

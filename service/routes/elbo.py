@@ -11,7 +11,7 @@ from service.deps import (
     over_limit,
     read_images,
 )
-from service.inference import MAX_SEED, Model
+from service.inference import MAX_SEED, Evaluation, Model
 from service.objective import percentile_of, value_at
 from service.schemas import ElboPublic, Score, json_response
 from service.settings import Settings
@@ -82,8 +82,7 @@ async def elbo(
     limit, source = threshold_for(model, settings, chosen, threshold)
     table = model.manifest.score_table(chosen)
 
-    def run(m: Model) -> Response:
-        result = m.evaluate(x, samples=samples, k=k, score=chosen, score_draws=draws, seed=seed)
+    def respond(result: Evaluation) -> Response:
         n, scores = len(x), result.score
         percentiles = (
             percentile_of(scores, table.percentiles, table.values).tolist()
@@ -115,4 +114,17 @@ async def elbo(
             },
         )
 
-    return await model.run(len(x) * max(samples, k or 0, draws, 1), run)
+    rows = len(x) * max(samples, k or 0, draws, 1)
+    if model.gathers(rows):  # small: network calls gathered, the math on the event loop
+        return respond(
+            await model.evaluate_gathered(
+                x, samples=samples, k=k, score=chosen, score_draws=draws, seed=seed
+            )
+        )
+
+    def run(m: Model) -> Response:
+        return respond(
+            m.evaluate(x, samples=samples, k=k, score=chosen, score_draws=draws, seed=seed)
+        )
+
+    return await model.run(rows, run)

@@ -28,7 +28,11 @@ async def reconstruct(
     model, x = served.model, await read_images(request, served)
     fmt = choose_format(output, request.headers.get("accept"))
 
+    likelihood = model.manifest.likelihood
+    if model.gathers(len(x)):  # small: network calls gathered, rendered on the event loop
+        return render_images(await model.reconstruct_gathered(x), fmt, likelihood)
+
     def run(m: Model) -> ImagesPublic | Response:
-        return render_images(m.reconstruct(x), fmt, m.manifest.likelihood)
+        return render_images(m.reconstruct(x), fmt, likelihood)
 
     return await model.run(len(x), run)

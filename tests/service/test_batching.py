@@ -19,10 +19,13 @@ from prometheus_client import Histogram
 from pydantic import ValidationError
 
 from service.batching import EARLY_ROWS, Batcher, Gatherer, QueueFull
-from service.inference import available_cpus
+from service.bundle import ScoreName as Score
+from service.bundle import load_bundle
+from service.inference import BatchPolicy, Model, available_cpus
+from service.metrics import Metrics
 from service.settings import Settings
 from tests.service.conftest import MakeClient
-from tests.service.helpers import encode, files, noise
+from tests.service.helpers import encode, files, noise, stroke
 
 F32 = np.ndarray[Any, np.dtype[np.float32]]
 REQUESTS = 48
@@ -405,3 +408,44 @@ def test_gathered_decoder_calls_equal_unbatched(make_client: MakeClient) -> None
         gathered = run_all(client)
     assert gathered == alone
     assert all(sampled == decoded for sampled, decoded in gathered)  # same z, same images
+
+
+@pytest.mark.parametrize("score", ["neg_elbo", "neg_iwae", "recon_error", "blur_recon_rel"])
+def test_evaluate_gathered_equals_evaluate(tiny_bundle: Path, score: Score) -> None:
+    """The same steps of math, network calls gathered on the event loop or made in the thread."""
+    bundle = load_bundle(tiny_bundle)
+    policy = BatchPolicy(max_batch_size=64, max_delay_s=0.0, max_queue=256, workers=1)
+    model = Model(bundle, Metrics(), policy, inline_max_rows=16)
+    x = np.stack([stroke(4 + 2 * i) for i in range(3)])[:, None]  # (3, 1, 28, 28)
+    options: dict[str, Any] = {"samples": 2, "k": 5, "score": score, "score_draws": 5, "seed": 3}
+
+    async def concurrently() -> list[Any]:  # several at once: their calls share jobs
+        return await asyncio.gather(*(model.evaluate_gathered(x, **options) for _ in range(4)))
+
+    gathered = asyncio.run(concurrently())
+    alone = Model(bundle, Metrics()).evaluate(x, **options)
+    model.close()
+    for result in gathered:
+        for got, want in [
+            (result.terms.elbo, alone.terms.elbo),
+            (result.terms.kl, alone.terms.kl),
+            (result.iwae, alone.iwae),
+            (result.score, alone.score),
+        ]:
+            np.testing.assert_array_equal(got, want)
+
+
+def test_reconstruct_gathered_equals_reconstruct(tiny_bundle: Path) -> None:
+    bundle = load_bundle(tiny_bundle)
+    policy = BatchPolicy(max_batch_size=64, max_delay_s=0.0, max_queue=256, workers=1)
+    model = Model(bundle, Metrics(), policy, inline_max_rows=16)
+    inputs = [np.stack([stroke(4 + i), noise(i)])[:, None] for i in range(4)]
+
+    async def concurrently() -> list[Any]:
+        return await asyncio.gather(*(model.reconstruct_gathered(x) for x in inputs))
+
+    gathered = asyncio.run(concurrently())
+    model.close()
+    alone = Model(bundle, Metrics())
+    for x, got in zip(inputs, gathered, strict=True):
+        np.testing.assert_array_equal(got, alone.reconstruct(x))
