@@ -10,7 +10,7 @@ the process's CPU clock over `--requests` requests (best of three rounds), for:
 - `POST /encode` with one PNG body, as served;
 - the same with the encoder network replaced by zeros: what the request costs besides the model;
 - the same with the PNG decode replaced too: what is left is the app's own work for /encode;
-- Pillow's decode of the same PNG (service.imaging.decode_image) alone, in a tight loop.
+- service.imaging.decode_image of the same PNG alone, in a tight loop (libspng for a plain PNG).
 
 It explains bench/serving.py's /encode-versus-no-op ratio: over HTTP each request also pays
 uvicorn's parsing and the socket, which the no-op pays too.
@@ -134,7 +134,7 @@ async def measure(bundle: Path, png: bytes, requests: int) -> dict[str, float]:
         finally:
             service.deps._decode_uploads = original
         shape = model.manifest.input_shape
-        results["Pillow decode of the PNG alone (tight loop)"] = tight_loop_us(
+        results["decode_image of the PNG alone (tight loop)"] = tight_loop_us(
             lambda: decode_image(png, shape, max_pixels=1 << 24, strict=False), requests * 4
         )
     return results
@@ -159,7 +159,7 @@ def main() -> None:
     print("| request | CPU µs per request | over the no-op |")
     print("|---|---|---|")
     for name, us in results.items():
-        over = "-" if name.startswith(("GET /noop", "Pillow")) else f"+{us - noop:,.0f}"
+        over = "-" if name.startswith(("GET /noop", "decode_image")) else f"+{us - noop:,.0f}"
         print(f"| {name} | {us:,.0f} | {over} |")
     if args.json:
         buffer = io.StringIO()
