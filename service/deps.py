@@ -12,7 +12,15 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
-from service.imaging import NPY_MEDIA, ImageError, convert_channels, decode_image, read_npy, resize
+from service.imaging import (
+    NPY_MEDIA,
+    ImageError,
+    convert_channels,
+    decode_image,
+    is_small_image,
+    read_npy,
+    resize,
+)
 from service.inference import F32, Model
 from service.schemas import BLACK_28X28_PNG, ImagesRequest
 from service.settings import Settings
@@ -236,7 +244,8 @@ async def _read_batch(request: Request, settings: Settings, model: Model) -> F32
     else:
         raise unsupported_media(kind, IMAGE_MEDIA)
     _check_count(len(uploads), settings, "images")
-    return await model.call(len(uploads), _decode_uploads, uploads, shape, settings)
+    small = all(is_small_image(data) for _, data in uploads)  # else not on the event loop
+    return await model.call(len(uploads), _decode_uploads, uploads, shape, settings, small=small)
 
 
 @dataclass(frozen=True)

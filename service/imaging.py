@@ -80,6 +80,26 @@ def _check_strict(width: int, height: int, shape: tuple[int, int, int], strict: 
 
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# An upload at most this big (and, for a PNG, of at most SMALL_PIXELS) decodes in well under a
+# millisecond, so a few of them are decoded on the event loop rather than paying a thread hop.
+SMALL_BYTES = 64 * 1024
+SMALL_PIXELS = 512 * 512
+
+
+def _png_size(data: bytes) -> tuple[int, int] | None:
+    """`(width, height)` from a PNG's IHDR chunk (the format puts it first); None if no PNG."""
+    if len(data) < 33 or not data.startswith(PNG_SIGNATURE) or data[12:16] != b"IHDR":
+        return None
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+def is_small_image(data: bytes) -> bool:
+    """Whether an upload is cheap to decode: few bytes, and a PNG (which can hold millions of
+    pixels in a few kilobytes) declaring few pixels."""
+    if len(data) > SMALL_BYTES:
+        return False
+    size = _png_size(data)
+    return size is None or size[0] * size[1] <= SMALL_PIXELS
 
 
 def _plain_png(data: bytes, channels: int, max_pixels: int) -> np.ndarray[Any, Any] | None:
@@ -91,9 +111,10 @@ def _plain_png(data: bytes, channels: int, max_pixels: int) -> np.ndarray[Any, A
     libspng refuses, so that Pillow's checks name the problem. The size comes from the IHDR
     chunk (which the PNG format puts first) and is checked before any pixel is decoded.
     """
-    if len(data) < 33 or not data.startswith(PNG_SIGNATURE) or data[12:16] != b"IHDR":
+    size = _png_size(data)
+    if size is None:
         return None
-    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    width, height = size
     bit_depth, colour_type = data[24], data[25]
     if bit_depth != 8 or colour_type != (0 if channels == 1 else 2):
         return None

@@ -203,12 +203,12 @@ class Model:
         finally:
             self._offloaded -= 1
 
-    async def call(self, rows: int, fn: Callable[..., T], *args: Any) -> T:
+    async def call(self, rows: int, fn: Callable[..., T], *args: Any, small: bool = True) -> T:
         """`fn(*args)`, work of `rows` rows that needs no network (decoding uploads): here on the
-        event loop when at most VAE_INLINE_MAX_ROWS rows, else in a worker thread. Unlike `run`
-        it stays here while other work is out: it has no micro-batch to join, and a thread hop
-        costs more than decoding a few small images."""
-        if rows <= self.inline_max_rows:
+        event loop when `small` and at most VAE_INLINE_MAX_ROWS rows, else in a worker thread.
+        Unlike `run` it stays here while other work is out: it has no micro-batch to join, and a
+        thread hop costs more than decoding a few small images."""
+        if small and rows <= self.inline_max_rows:
             return fn(*args)
         return await self.offload(fn, *args, rows=rows)
 

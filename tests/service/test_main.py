@@ -10,9 +10,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
+import service.deps
 import service.main
 from service.inference import Model
 from service.main import create_app
@@ -174,3 +176,35 @@ def test_unknown_settings_are_logged(
     monkeypatch.setenv("VAE_MAX_IMAGE", "3")
     create_app(Settings(bundle=tiny_bundle))
     assert "ignoring unknown settings (typo?): VAE_MAX_IMAGE" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "pixels, on_loop",
+    [
+        (stroke(), True),  # a few hundred bytes
+        (np.zeros((1024, 1024), np.float32), False),  # a small file declaring 1M pixels
+        (np.random.default_rng(0).random((300, 300)), False),  # over 64 KiB
+    ],
+    ids=["small", "many-pixels", "many-bytes"],
+)
+def test_only_small_uploads_are_decoded_on_the_event_loop(
+    make_client: MakeClient, monkeypatch: pytest.MonkeyPatch, pixels: np.ndarray, on_loop: bool
+) -> None:
+    original = service.deps._decode_uploads
+    where: list[bool] = []
+
+    def spy(*args):  # type: ignore[no-untyped-def]
+        try:
+            asyncio.get_running_loop()
+            where.append(True)
+        except RuntimeError:  # worker threads run no event loop
+            where.append(False)
+        return original(*args)
+
+    monkeypatch.setattr(service.deps, "_decode_uploads", spy)
+    body = encode(pixels)
+    assert on_loop == (len(body) <= 64 * 1024 and pixels.size <= 512 * 512)  # the cases are real
+    with make_client() as client:
+        response = client.post("/encode", files=files(body))
+    assert response.status_code == 200, response.text
+    assert where == [on_loop]
