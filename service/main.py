@@ -5,6 +5,7 @@ nothing and never imports torch.
 """
 
 import asyncio
+import gc
 import json
 import logging
 import os
@@ -170,6 +171,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             log.error("cannot start: %s", exc)
             raise
         publish(metrics, None, app.state.model)
+        collector = gc.get_threshold()
+        gc.set_threshold(*settings.gc_thresholds)
         app.state.draining = False
         metrics.ready.set(1)
         restore_signals = drain_first(app, settings.shutdown_delay_s)
@@ -184,6 +187,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if sighup:
                 remove_sighup()
             restore_signals()
+            gc.set_threshold(*collector)
             served, app.state.model = app.state.model, None
             await run_in_threadpool(served.close)
 

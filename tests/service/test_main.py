@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import subprocess
 import sys
 import threading
@@ -208,3 +209,13 @@ def test_only_small_uploads_are_decoded_on_the_event_loop(
         response = client.post("/encode", files=files(body))
     assert response.status_code == 200, response.text
     assert where == [on_loop]
+
+
+def test_serving_sets_the_collector_thresholds_and_restores_them(make_client: MakeClient) -> None:
+    before = gc.get_threshold()
+    wanted = (12_345, 17, 19)
+    assert before != wanted
+    with make_client(gc_thresholds=wanted) as client:
+        assert client.get("/healthz").status_code == 200
+        assert gc.get_threshold() == wanted
+    assert gc.get_threshold() == before

@@ -34,6 +34,7 @@ def test_reads_environment(monkeypatch: pytest.MonkeyPatch) -> None:
         "VAE_ANOMALY_THRESHOLD": "123.5",
         "VAE_API_KEY": "s3cret",
         "VAE_LOG_LEVEL": "DEBUG",
+        "VAE_GC_THRESHOLDS": "5000, 10,10",
     }.items():
         monkeypatch.setenv(name, value)
     settings = Settings()
@@ -47,6 +48,7 @@ def test_reads_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "s3cret" not in repr(settings)
     assert settings.log_level == "debug"
     assert settings.log_level_number == 10
+    assert settings.gc_thresholds == (5000, 10, 10)
 
 
 @pytest.mark.parametrize(
@@ -63,6 +65,9 @@ def test_reads_environment(monkeypatch: pytest.MonkeyPatch) -> None:
         ("VAE_ANOMALY_THRESHOLD", "nan", "anomaly_threshold"),
         ("VAE_API_KEY", "  ", "VAE_API_KEY is set but empty"),
         ("VAE_LOG_LEVEL", "loud", "log_level"),
+        ("VAE_GC_THRESHOLDS", "0,10,10", "VAE_GC_THRESHOLDS must be three integers >= 1"),
+        ("VAE_GC_THRESHOLDS", "700,10", "gc_thresholds"),
+        ("VAE_GC_THRESHOLDS", "700,ten,10", "gc_thresholds"),
     ],
 )
 def test_invalid_values_fail_fast(
