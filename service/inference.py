@@ -3,10 +3,10 @@
 These functions are synchronous and CPU-bound. Routes hand them to `Model.run`: small work runs
 on the event loop (a thread hop would cost more), the rest in a worker thread (onnxruntime
 releases the GIL). With micro-batching on, a call's rows may share one onnxruntime call with
-other requests' rows (service/batching.py), and routes whose work is one small network call
-(/encode, /decode, /sample) await it through a Gatherer, so that concurrent requests share one
-thread hop. eps is always drawn per request from the request's own seed, so results never
-depend on what a request was batched with or where it ran.
+other requests' rows (service/batching.py), and routes whose work is under a micro-batch
+(/encode, /decode, /sample, /elbo, /reconstruct) await their network calls through a Gatherer,
+so that concurrent requests share one thread hop. eps is always drawn per request from the
+request's own seed, so results never depend on what a request was batched with or where it ran.
 """
 
 import asyncio
@@ -15,7 +15,7 @@ import secrets
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypedDict, TypeVar, Unpack
 
 import numpy as np
 from starlette.concurrency import run_in_threadpool
@@ -31,7 +31,7 @@ F64 = objective.F64
 MAX_SEED = 2**63 - 1
 T = TypeVar("T")
 # Model code as steps: a generator yielding `(network, rows)` for each network call it needs and
-# sent that call's outputs; `Model._drive` runs it in the calling thread, `evaluate_gathered`
+# sent that call's outputs; `Model._drive` runs it in the calling thread, `Model._drive_gathered`
 # on the event loop.
 Steps = Generator[tuple[str, F32], tuple[F32, ...], T]
 
@@ -48,6 +48,21 @@ def draw_eps(seed: int, shape: tuple[int, ...]) -> F32:
     the same seed: one draw serves the ELBO, IWAE and the anomaly score of a request.
     """
     return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
+
+
+class EvaluateOptions(TypedDict):
+    """What `Model.evaluate` computes besides the images.
+
+    `score_draws` is the number of draws behind the score (the calibration's `samples` for
+    neg_elbo, `k` for neg_iwae); all quantities share one draw of eps (from `seed`), so a shared
+    prefix is decoded once.
+    """
+
+    samples: int
+    k: int | None
+    score: ScoreName
+    score_draws: int
+    seed: int
 
 
 @dataclass(frozen=True)
@@ -221,8 +236,9 @@ class Model:
         return await self.offload(fn, self, rows=rows)
 
     def gathers(self, rows: int) -> bool:
-        """Whether a request's single network call of `rows` rows goes through `encode_gathered`
-        / `decode_gathered`: with micro-batching on, and less than a micro-batch."""
+        """Whether a request whose work is `rows` network rows awaits its network calls through
+        the gatherers (`encode_gathered` and the like): with micro-batching on, and less than a
+        micro-batch."""
         return self._encoder is not None and rows < self._encoder.max_batch_size
 
     async def encode_gathered(self, x: F32) -> tuple[F32, F32]:
@@ -230,10 +246,6 @@ class Model:
         (service/batching.py, Gatherer); only where `gathers(len(x))`."""
         mu, logvar = await self._gathers["encoder"](x)
         return mu, logvar
-
-    async def decode_gathered(self, z: F32) -> F32:
-        """`decode(z)` awaited on the event loop, like `encode_gathered`."""
-        return (await self._gathers["decoder"](z))[0]
 
     @property
     def batching(self) -> bool:
@@ -265,7 +277,7 @@ class Model:
 
     async def decode_mean_gathered(self, z: F32) -> F32:
         """`decode_mean(z)` awaited on the event loop, like `encode_gathered`."""
-        return self._mean(await self.decode_gathered(z))
+        return self._mean((await self._gathers["decoder"](z))[0])
 
     def _mean(self, decoded: F32) -> F32:
         with np.errstate(invalid="ignore", over="ignore"):  # reported below as a ValueError
@@ -293,37 +305,15 @@ class Model:
             )
         return np.concatenate(chunks)
 
-    def evaluate(
-        self,
-        x: F32,
-        *,
-        samples: int,
-        k: int | None,
-        score: ScoreName,
-        score_draws: int,
-        seed: int,
-    ) -> Evaluation:
-        """ELBO with `samples` draws, IWAE with `k` (if given) and the anomaly score.
+    def evaluate(self, x: F32, **options: Unpack[EvaluateOptions]) -> Evaluation:
+        """ELBO with `samples` draws, IWAE with `k` (if given) and the anomaly score
+        (EvaluateOptions)."""
+        return self._drive(self._evaluate(x, **options))
 
-        `score_draws` is the number of draws behind the score (the calibration's `samples` for
-        neg_elbo, `k` for neg_iwae); all quantities share one draw of eps, so a shared prefix is
-        decoded once.
-        """
-        return self._drive(self._evaluate(x, samples, k, score, score_draws, seed))
-
-    async def evaluate_gathered(
-        self,
-        x: F32,
-        *,
-        samples: int,
-        k: int | None,
-        score: ScoreName,
-        score_draws: int,
-        seed: int,
-    ) -> Evaluation:
+    async def evaluate_gathered(self, x: F32, **options: Unpack[EvaluateOptions]) -> Evaluation:
         """`evaluate` awaited on the event loop, its network calls gathered with concurrent
         requests' (like `encode_gathered`); only where `gathers` for its rows."""
-        return await self._drive_gathered(self._evaluate(x, samples, k, score, score_draws, seed))
+        return await self._drive_gathered(self._evaluate(x, **options))
 
     async def _drive_gathered(self, steps: "Steps[T]") -> T:
         """Run model code written as steps on the event loop, each network call gathered."""
@@ -347,7 +337,14 @@ class Model:
             return result
 
     def _evaluate(
-        self, x: F32, samples: int, k: int | None, score: ScoreName, score_draws: int, seed: int
+        self,
+        x: F32,
+        *,
+        samples: int,
+        k: int | None,
+        score: ScoreName,
+        score_draws: int,
+        seed: int,
     ) -> Steps[Evaluation]:
         """`evaluate` as steps: it yields each network call it needs, `(network, rows)`, and is
         sent that call's outputs, so one body of math serves the thread and the event loop."""

@@ -80,8 +80,10 @@ class Settings(BaseSettings):
         default=16,
         ge=0,
         le=65536,
-        description="requests needing at most this many network rows (images x draws) run on "
-        "the event loop, unbatched: cheaper than a thread hop for small work; 0: never",
+        description="a request needing at most this many network rows (images x draws) runs "
+        "on the event loop when no other request's work is out in worker threads, and uploads "
+        "of at most this many small images are decoded there: cheaper than a thread hop for "
+        "small work; 0: never",
     )
     compute_slots: int = Field(
         default=0,

@@ -11,7 +11,7 @@ from service.deps import (
     over_limit,
     read_images,
 )
-from service.inference import MAX_SEED, Evaluation, Model
+from service.inference import MAX_SEED, EvaluateOptions, Evaluation, Model
 from service.objective import percentile_of, value_at
 from service.schemas import ElboPublic, Score, json_response
 from service.settings import Settings
@@ -114,17 +114,14 @@ async def elbo(
             },
         )
 
+    options: EvaluateOptions = {
+        "samples": samples,
+        "k": k,
+        "score": chosen,
+        "score_draws": draws,
+        "seed": seed,
+    }
     rows = len(x) * max(samples, k or 0, draws, 1)
     if model.gathers(rows):  # small: network calls gathered, the math on the event loop
-        return respond(
-            await model.evaluate_gathered(
-                x, samples=samples, k=k, score=chosen, score_draws=draws, seed=seed
-            )
-        )
-
-    def run(m: Model) -> Response:
-        return respond(
-            m.evaluate(x, samples=samples, k=k, score=chosen, score_draws=draws, seed=seed)
-        )
-
-    return await model.run(rows, run)
+        return respond(await model.evaluate_gathered(x, **options))
+    return await model.run(rows, lambda m: respond(m.evaluate(x, **options)))
