@@ -11,7 +11,7 @@
 #
 # The serving install is .ci/install-serving.sh, which tests/test_container_recipe.py also runs
 # into a fresh venv and serves from, so the recipe is tested without a Docker engine.
-# Every image bakes the default bundle into /models/mnist; /models is a volume for other bundles
+# Every image bakes the default bundle (package data: service/bundles/mnist) into /models/mnist; /models is a volume for other bundles
 # (Docker fills a new named volume from the image, so /models/mnist is there too).
 
 # ---------------------------------------------------------------------------------------------
@@ -53,7 +53,7 @@ RUN python -m venv /opt/venv \
     && /opt/venv/bin/pip install --index-url https://download.pytorch.org/whl/cpu \
         "torch==${TORCH_VERSION}" \
     && /opt/venv/bin/pip install ".[train]"
-COPY models/mnist/ /models/mnist/
+COPY service/bundles/mnist/ /models/mnist/
 
 ENV PATH=/opt/venv/bin:$PATH \
     MPLBACKEND=Agg
@@ -98,7 +98,7 @@ RUN ONNXRUNTIME="onnxruntime-gpu==${ORT_GPU_VERSION}" bash .ci/install-serving.s
 FROM gpu-base AS gpu
 
 COPY --from=gpu-build /opt/venv /opt/venv
-COPY models/mnist/ /models/mnist/
+COPY service/bundles/mnist/ /models/mnist/
 ENV PATH=/opt/venv/bin:$PATH \
     VAE_BUNDLE=/models/mnist \
     VAE_DEVICE=cuda
@@ -113,7 +113,7 @@ ENTRYPOINT ["vae", "serve", "--host", "0.0.0.0", "--port", "8000"]
 FROM base AS runtime
 
 COPY --from=build /opt/venv /opt/venv
-COPY models/mnist/ /models/mnist/
+COPY service/bundles/mnist/ /models/mnist/
 ENV PATH=/opt/venv/bin:$PATH \
     VAE_BUNDLE=/models/mnist \
     VAE_DEVICE=cpu

@@ -1,6 +1,6 @@
 """Where one request's CPU time goes: the app driven in-process over ASGI (no HTTP, no sockets).
 
-python -m bench.request_cost                  # models/mnist, about 30 seconds
+python -m bench.request_cost                  # the shipped bundle, about 30 seconds
 python -m bench.request_cost --bundle DIR --requests 5000
 
 One request at a time through `bench.apps:noop_app` (the real app plus `GET /noop`), timed with
@@ -32,6 +32,7 @@ import numpy as np
 
 from bench.common import REPO, machine, now
 from bench.serving import write_inputs
+from service.settings import DEFAULT_BUNDLE
 
 Scope = dict[str, Any]
 
@@ -142,7 +143,7 @@ async def measure(bundle: Path, png: bytes, requests: int) -> dict[str, float]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--bundle", type=Path, default=REPO / "models" / "mnist", help="model bundle")
+    p.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE, help="model bundle")
     p.add_argument("--requests", type=int, default=3000, help="requests per round")
     p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args()

@@ -1,6 +1,6 @@
 """Serving throughput and latency: a real uvicorn server and a separate load-generating process.
 
-python -m bench.serving                      # models/mnist, 5 s per cell, about 5 minutes
+python -m bench.serving                      # the shipped bundle, 5 s per cell, about 5 minutes
 python -m bench.serving --bundle DIR --seconds 3
 
 Each server runs `uvicorn --factory` on loopback in its own process (bench/apps.py: the real app
@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from bench.common import MNIST_DIR, REPO, machine, now
+from service.settings import DEFAULT_BUNDLE
 
 log = logging.getLogger("bench.serving")
 WARM_UP_S = 0.5
@@ -446,7 +447,7 @@ def run(bundle: Path, seconds: float) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument(
-        "--bundle", type=Path, default=REPO / "models" / "mnist", help="bundle directory"
+        "--bundle", type=Path, default=DEFAULT_BUNDLE, help="bundle directory"
     )
     p.add_argument("--seconds", type=float, default=5.0, help="measured seconds per cell")
     p.add_argument("--log-level", default="WARNING", help="logging level")

@@ -11,6 +11,8 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 Device = Literal["auto", "cpu", "cuda"]
 LogLevel = Literal["critical", "error", "warning", "info", "debug"]
+# The default MNIST bundle ships inside the package, so `vae serve` works from any directory.
+DEFAULT_BUNDLE = Path(__file__).resolve().parent / "bundles" / "mnist"
 
 
 class Settings(BaseSettings):
@@ -19,8 +21,9 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="VAE_", extra="forbid", frozen=True)
 
     bundle: Path = Field(
-        default=Path("models/mnist"),
-        description="bundle directory (manifest.json, encoder/decoder.onnx)",
+        default=DEFAULT_BUNDLE,
+        description="bundle directory (manifest.json, encoder/decoder.onnx); default: the MNIST "
+        "bundle shipped in the package",
     )
     device: Device = Field(default="auto", description="auto: CUDA when available, else CPU")
     threads: int = Field(

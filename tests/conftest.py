@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 
+from service.settings import DEFAULT_BUNDLE
+
 REPO = Path(__file__).resolve().parents[1]
 MNIST_DIR = REPO.parent / "shared" / "data" / "mnist"
-DEFAULT_BUNDLE = REPO / "models" / "mnist"
 
 
 def _tiny_bundle(out: Path, likelihood: str) -> Path:
@@ -86,7 +87,7 @@ def bundle(request: pytest.FixtureRequest) -> Path:
 
 @pytest.fixture(scope="session")
 def default_bundle() -> Path:
-    """The shipped default bundle, models/mnist."""
+    """The shipped default bundle, service/bundles/mnist (package data)."""
     if not (DEFAULT_BUNDLE / "manifest.json").is_file():
         pytest.fail(f"the shipped default bundle is missing: {DEFAULT_BUNDLE}")
     return DEFAULT_BUNDLE

@@ -28,7 +28,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "Dockerfile"
-SHIPPED_BUNDLE = ROOT / "models" / "mnist"
+SHIPPED_BUNDLE = ROOT / "service" / "bundles" / "mnist"
 READY_TIMEOUT_S = 90.0
 
 

@@ -1,6 +1,6 @@
 """End to end: a real `vae serve` process on a loopback port, called over HTTP with httpx.
 
-It serves the shipped default bundle (models/mnist) when the checkout has one, else the tiny test
+It serves the shipped default bundle (service/bundles/mnist) when the checkout has one, else the tiny test
 bundle, and scores real MNIST test digits from the shared data folder beside the checkout.
 """
 
@@ -23,8 +23,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from service.settings import DEFAULT_BUNDLE
+
 REPO = Path(__file__).resolve().parents[2]
-DEFAULT_BUNDLE = REPO / "models" / "mnist"
 UPLOAD_LIMIT = 256 * 1024
 START_TIMEOUT = 60.0
 

@@ -7,12 +7,13 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from service.settings import Settings, get_settings
+from service.settings import DEFAULT_BUNDLE, Settings, get_settings
 
 
 def test_defaults() -> None:
     settings = Settings()
-    assert settings.bundle == Path("models/mnist")
+    assert settings.bundle == DEFAULT_BUNDLE
+    assert (settings.bundle / "manifest.json").is_file()
     assert settings.device == "auto"
     assert settings.api_key is None
     assert settings.strict_size is False
