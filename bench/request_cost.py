@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import REPO, machine, now
+from bench.common import machine, now
 from bench.serving import write_inputs
 from service.settings import DEFAULT_BUNDLE
 

@@ -446,9 +446,7 @@ def run(bundle: Path, seconds: float) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument(
-        "--bundle", type=Path, default=DEFAULT_BUNDLE, help="bundle directory"
-    )
+    p.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE, help="bundle directory")
     p.add_argument("--seconds", type=float, default=5.0, help="measured seconds per cell")
     p.add_argument("--log-level", default="WARNING", help="logging level")
     p.add_argument("--load", metavar="URL", help=argparse.SUPPRESS)  # the load process

@@ -17,6 +17,7 @@ from model.config import VAEConfig
 from model.evaluate import evaluate
 from model.export import export_bundle
 from model.train import TrainConfig, model_from_checkpoint, pick_device, train
+from service.cli import HelpFormatter
 
 log = logging.getLogger("vae")
 
@@ -29,56 +30,109 @@ def _ints(s: str) -> tuple[int, ...]:
 
 
 def _size(s: str) -> tuple[int, int]:
-    v = _ints(s.replace("x", ","))
-    if len(v) != 2:
-        raise argparse.ArgumentTypeError(f"expected HxW, got {s!r}")
+    v = _ints(s.lower().replace("x", ","))
+    if len(v) == 1:
+        v = (v[0], v[0])
+    if len(v) != 2 or min(v) <= 0:
+        raise argparse.ArgumentTypeError(f"expected HxW or one side N for NxN, got {s!r}")
     return (v[0], v[1])
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument(
+        "--log-level",
+        default="INFO",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="logging level",
+    )
     p.add_argument("--seed", type=int, default=0, help="random seed")
 
 
 def _train_parser(sub: Any) -> argparse.ArgumentParser:
     p: argparse.ArgumentParser = sub.add_parser(
-        "train", help="train a VAE", formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        "train", help="train a VAE", formatter_class=HelpFormatter
     )
     p.add_argument("--config", type=Path, help="JSON file of flag values (keys as flag dests)")
     p.add_argument(
         "--data",
         default="mnist",
-        help="directory of IDX files or images; 'digits'; or 'mnist'/'fashion-mnist' to download",
+        help="a folder of images (sub-folders are classes) or of IDX files; 'digits' "
+        "(scikit-learn's, offline); or 'mnist' / 'fashion-mnist' to download",
     )
-    p.add_argument("--out", default="runs/vae", help="output directory for checkpoints and curves")
+    p.add_argument("--out", default="runs/vae", help="run folder for checkpoints and curves")
+    p.add_argument(
+        "--force", action="store_true", help="replace the run already in --out (else refused)"
+    )
     p.add_argument("--classes", type=_ints, help="train on these labels only, e.g. 3 or 1,7")
-    p.add_argument("--image-size", type=_size, help="resize folder images to HxW")
-    p.add_argument("--channels", type=int, default=1)
-    p.add_argument("--height", type=int, default=28)
-    p.add_argument("--width", type=int, default=28)
-    p.add_argument("--latent-dim", type=int, default=32)
-    p.add_argument("--architecture", choices=["conv", "mlp"], default="conv")
-    p.add_argument("--conv-channels", type=_ints, default=(32, 64))
-    p.add_argument("--hidden-dims", type=_ints, default=(512,))
-    p.add_argument("--likelihood", choices=["bernoulli", "gaussian"], default="bernoulli")
-    p.add_argument("--sigma", type=float, default=0.1, help="Gaussian sigma (initial if learned)")
-    p.add_argument("--learn-sigma", action="store_true")
+    p.add_argument(
+        "--image-size",
+        type=_size,
+        help="HxW (or N for NxN): resize every image to it and build the model for it; "
+        "default: the data's own size",
+    )
+    p.add_argument(
+        "--channels",
+        type=int,
+        choices=[1, 3],
+        help="1 (grey) or 3 (RGB); default: 3 when any image has colour, else 1",
+    )
+    p.add_argument("--latent-dim", type=int, default=32, help="dimension of z")
+    p.add_argument(
+        "--architecture", choices=["conv", "mlp"], default="conv", help="encoder/decoder type"
+    )
+    p.add_argument(
+        "--conv-channels",
+        type=_ints,
+        default="32,64",
+        help="channels of the stride-2 convolutions (the image size must divide by 2^count)",
+    )
+    p.add_argument(
+        "--hidden-dims", type=_ints, default="512", help="fully connected layers' widths"
+    )
+    p.add_argument(
+        "--likelihood",
+        choices=["auto", "bernoulli", "gaussian"],
+        default="auto",
+        help="P(X|z); auto: bernoulli for binary-like grey images (mostly near 0 or 1), "
+        "gaussian N(f(z), sigma^2 I) otherwise (README: 'Which likelihood')",
+    )
+    p.add_argument(
+        "--sigma", type=float, default=0.1, help="Gaussian sigma (the initial value if learned)"
+    )
+    p.add_argument(
+        "--learn-sigma",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="learn the Gaussian sigma with the weights (--no-learn-sigma: fixed at --sigma)",
+    )
     p.add_argument(
         "--val-size",
         type=float,
-        default=5000,
-        help="validation images: a count, or a fraction when < 1",
+        default=0.1,
+        help="validation images: a fraction when < 1, else a count",
     )
-    p.add_argument("--binarize", choices=["dynamic", "none"], default="dynamic")
-    p.add_argument("--epochs", type=int, default=50)
+    p.add_argument(
+        "--binarize",
+        choices=["auto", "dynamic", "none"],
+        default="auto",
+        help="dynamic: draw binary pixels afresh each epoch (Bernoulli only); auto: dynamic for "
+        "bernoulli, none for gaussian",
+    )
+    p.add_argument("--epochs", type=int, default=50, help="passes over the training images")
     p.add_argument("--batch-size", type=int, default=128, help="global batch size")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--lr-schedule", choices=["cosine", "constant"], default="cosine")
-    p.add_argument("--min-lr", type=float, default=1e-5)
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--kl-warmup-epochs", type=int, default=0)
-    p.add_argument("--objective", choices=["elbo", "iwae"], default="elbo")
-    p.add_argument("--iwae-k", type=int, default=5)
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    p.add_argument(
+        "--lr-schedule", choices=["cosine", "constant"], default="cosine", help="learning rate"
+    )
+    p.add_argument("--min-lr", type=float, default=1e-5, help="end of the cosine schedule")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="Adam weight decay")
+    p.add_argument(
+        "--kl-warmup-epochs", type=int, default=0, help="epochs to ramp the KL weight to 1"
+    )
+    p.add_argument(
+        "--objective", choices=["elbo", "iwae"], default="elbo", help="the bound maximised"
+    )
+    p.add_argument("--iwae-k", type=int, default=5, help="importance samples of the IWAE bound")
     p.add_argument(
         "--iwae-gradient",
         choices=["standard", "dreg"],
@@ -103,11 +157,11 @@ def _export_parser(sub: Any) -> None:
     p = sub.add_parser(
         "export",
         help="export a checkpoint as an ONNX bundle",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
-    p.add_argument("checkpoint", type=Path)
+    p.add_argument("checkpoint", type=Path, help="checkpoint_best.pt or checkpoint_last.pt")
     p.add_argument("--out", type=Path, required=True, help="bundle directory to write")
-    p.add_argument("--name", default="vae")
+    p.add_argument("--name", default="vae", help="model name in the manifest and /model")
     p.add_argument("--version", help="bundle version (default: a timestamp)")
     p.add_argument("--data", help="data for calibration and metrics (default: the training data)")
     p.add_argument("--calibration-k", type=int, default=64, help="k for the -IWAE score table")
@@ -125,7 +179,7 @@ def _export_parser(sub: Any) -> None:
     )
     p.add_argument("--eval-images", type=int, default=0, help="test images to evaluate; 0 = all")
     p.add_argument("--metrics", type=Path, help="JSON file of metrics to store (from evaluate)")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace a bundle already in --out")
     _common(p)
 
 
@@ -133,17 +187,22 @@ def _evaluate_parser(sub: Any) -> None:
     p = sub.add_parser(
         "evaluate",
         help="test ELBO and IWAE log-likelihood",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
-    p.add_argument("checkpoint", type=Path)
+    p.add_argument("checkpoint", type=Path, help="a checkpoint written by vae train")
     p.add_argument("--data", help="test data (default: the training data's test split)")
     p.add_argument("--k", type=int, default=1000, help="IWAE samples per image")
     p.add_argument(
         "--images", type=int, default=0, help="evaluate the first N test images; 0 = all"
     )
-    p.add_argument("--binarize", choices=["dynamic", "none"], default="dynamic")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--threads", type=int, default=0)
+    p.add_argument(
+        "--binarize",
+        choices=["auto", "dynamic", "none"],
+        default="auto",
+        help="binarise the test images; auto: as the model was trained",
+    )
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--threads", type=int, default=0, help="torch threads; 0 = torch's default")
     p.add_argument("--out", type=Path, help="write the metrics as JSON here")
     _common(p)
 
@@ -153,30 +212,46 @@ def _data_source(ckpt: dict[str, Any], override: str | None) -> str:
 
 
 def _test_images(source: str, cfg: VAEConfig, ckpt: dict[str, Any], limit: int) -> torch.Tensor:
-    ds = data_mod.load(source, "test", cfg.channels)
+    ds = data_mod.load(source, "test", cfg.channels, (cfg.height, cfg.width))
     classes = ckpt["train"].get("classes")
     x = ds.images if not classes else data_mod.filter_classes(ds, classes).images
     return x[:limit] if limit else x
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    # the data first: the model's shape and likelihood default to what suits it
+    full = data_mod.load(args.data, "train", args.channels, args.image_size)
+    channels, height, width = full.images.shape[1:]
+    likelihood = args.likelihood
+    if likelihood == "auto":
+        likelihood = data_mod.suggest_likelihood(full.images)
+        log.info("likelihood: %s (pass --likelihood to choose another)", likelihood)
+    binarize = args.binarize
+    if binarize == "auto":
+        binarize = "dynamic" if likelihood == "bernoulli" else "none"
+    elif binarize == "dynamic" and likelihood == "gaussian":
+        raise ValueError(
+            "--binarize dynamic draws binary pixels for a Bernoulli model; with "
+            "--likelihood gaussian use --binarize none"
+        )
     cfg = VAEConfig(
-        channels=args.channels,
-        height=args.height,
-        width=args.width,
+        channels=channels,
+        height=height,
+        width=width,
         latent_dim=args.latent_dim,
         architecture=args.architecture,
         conv_channels=tuple(args.conv_channels),
         hidden_dims=tuple(args.hidden_dims),
-        likelihood=args.likelihood,
+        likelihood=likelihood,
         sigma=args.sigma,
-        learn_sigma=args.learn_sigma,
+        learn_sigma=args.learn_sigma and likelihood == "gaussian",
     )
     names = {f.name for f in fields(TrainConfig)} - {"extra"}
     kw = {k: v for k, v in vars(args).items() if k in names}
     kw["classes"] = list(args.classes) if args.classes else None
+    kw["binarize"] = binarize
     tc = TrainConfig(**kw)
-    result = train(cfg, tc)
+    result = train(cfg, tc, full)
     log.info("done: %s", json.dumps(result.summary))
     return 0
 
@@ -185,14 +260,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     model, ckpt = model_from_checkpoint(args.checkpoint)
     cfg = model.cfg
     source = _data_source(ckpt, args.data)
-    full = data_mod.load(source, "train", cfg.channels)
+    full = data_mod.load(source, "train", cfg.channels, (cfg.height, cfg.width))
     classes = ckpt["train"].get("classes")
     if classes:
         full = data_mod.filter_classes(full, classes)
     val_size = ckpt["train"]["val_size"]
-    _, val = data_mod.split_validation(
-        full, val_size if val_size < 1 else int(val_size), ckpt["train"]["seed"]
-    )
+    _, val = data_mod.split_validation(full, val_size, ckpt["train"]["seed"])
     best = ckpt.get("best_val_bound", ckpt.get("best_val_elbo"))  # older checkpoints: _elbo
     metrics: dict[str, Any] = {"best_val_bound": best}
     if args.metrics:
@@ -233,7 +306,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     model, ckpt = model_from_checkpoint(args.checkpoint)
     model.to(pick_device(args.device))
     x = _test_images(_data_source(ckpt, args.data), model.cfg, ckpt, args.images)
-    res = evaluate(model, x, k=args.k, seed=args.seed, binarize=args.binarize == "dynamic")
+    binarize = ckpt["train"]["binarize"] if args.binarize == "auto" else args.binarize
+    res = evaluate(model, x, k=args.k, seed=args.seed, binarize=binarize == "dynamic")
     text = json.dumps(res, indent=2)
     if args.out:
         args.out.write_text(text + "\n")

@@ -49,8 +49,9 @@ class VAEConfig:
             if self.height % stride or self.width % stride:
                 raise ValueError(
                     f"image size {self.height}x{self.width} is not divisible by {stride}, the "
-                    f"total stride of {len(self.conv_channels)} conv layers: resize the images "
-                    "or change --conv-channels"
+                    f"total stride of {len(self.conv_channels)} conv layers: pass --image-size "
+                    f"with sides that are multiples of {stride}, fewer --conv-channels, or "
+                    "--architecture mlp"
                 )
 
     @property

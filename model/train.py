@@ -32,9 +32,10 @@ class TrainConfig:
 
     data: str = "mnist"
     out: str = "runs/vae"
+    force: bool = False  # replace a run already in `out`
     classes: list[int] | None = None
     image_size: tuple[int, int] | None = None
-    val_size: float = 5000  # a count (>= 1) or a fraction (< 1) of the training images
+    val_size: float = 0.1  # a fraction (< 1) or a count (>= 1) of the training images
     binarize: str = "dynamic"  # dynamic | none
     epochs: int = 50
     batch_size: int = 128  # global: split across processes under torchrun
@@ -148,8 +149,34 @@ class TrainResult:
     summary: dict[str, Any]
 
 
-def train(cfg: VAEConfig, tc: TrainConfig) -> TrainResult:
-    """Train, saving checkpoint_last.pt and checkpoint_best.pt in tc.out."""
+RUN_FILES = (
+    "checkpoint_last.pt",
+    "checkpoint_best.pt",
+    "history.json",
+    "history.csv",
+    "curves.png",
+)
+
+
+def check_run_folder(tc: TrainConfig) -> None:
+    """Refuse to write over a previous run unless resuming it or forced (then clear it)."""
+    out = Path(tc.out)
+    previous = [out / name for name in RUN_FILES if (out / name).exists()]
+    if not previous or tc.resume:
+        return
+    if not tc.force:
+        raise FileExistsError(
+            f"--out {out} already holds a run ({previous[0].name}); pass --resume "
+            f"{out / 'checkpoint_last.pt'} to continue it, --force to replace it, or another --out"
+        )
+    if int(os.environ.get("RANK", "0")) == 0:
+        for path in previous:
+            path.unlink()
+        log.warning("--force: replaced the run in %s", out)
+
+
+def train(cfg: VAEConfig, tc: TrainConfig, full: data_mod.Dataset | None = None) -> TrainResult:
+    """Train on `full` (default: load tc.data), saving checkpoint_{last,best}.pt in tc.out."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     distributed = world > 1
@@ -165,17 +192,18 @@ def train(cfg: VAEConfig, tc: TrainConfig) -> TrainResult:
         raise ValueError(f"--batch-size {tc.batch_size} is not divisible by {world} processes")
     torch.manual_seed(tc.seed)
     out = Path(tc.out)
+    check_run_folder(tc)
 
-    full = data_mod.load(tc.data, "train", cfg.channels, tc.image_size)
+    if full is None:
+        full = data_mod.load(tc.data, "train", cfg.channels, (cfg.height, cfg.width))
     if tuple(full.images.shape[1:]) != cfg.image_shape:
         raise ValueError(
-            f"data {tc.data} has images {tuple(full.images.shape[1:])} but the model expects "
-            f"{cfg.image_shape}: set --channels/--height/--width to match"
+            f"--data {tc.data} has images {tuple(full.images.shape[1:])} (C, H, W) but the model "
+            f"expects {cfg.image_shape}: set --channels and --image-size to match"
         )
     if tc.classes:
         full = data_mod.filter_classes(full, tc.classes)
-    val_size: int | float = tc.val_size if tc.val_size < 1 else int(tc.val_size)
-    train_ds, val_ds = data_mod.split_validation(full, val_size, tc.seed)
+    train_ds, val_ds = data_mod.split_validation(full, tc.val_size, tc.seed)
 
     model = VAE(cfg).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
@@ -194,11 +222,15 @@ def train(cfg: VAEConfig, tc: TrainConfig) -> TrainResult:
 
     def matching_checkpoint(path: str, flag: str) -> dict[str, Any]:
         ckpt = load_checkpoint(Path(path))
-        if ckpt["config"] != cfg.to_dict():
-            raise ValueError(
-                f"{flag} {path}: checkpoint was trained with a different architecture "
-                f"({ckpt['config']}) than the one asked for ({cfg.to_dict()})"
+        asked = cfg.to_dict()
+        if ckpt["config"] != asked:
+            differ = {k: (v, asked.get(k)) for k, v in ckpt["config"].items() if asked.get(k) != v}
+            flag_of = {"height": "image-size", "width": "image-size"}
+            flags = ", ".join(
+                f"--{flag_of.get(k, k.replace('_', '-'))} (checkpoint {v!r}, asked {a!r})"
+                for k, (v, a) in differ.items()
             )
+            raise ValueError(f"{flag} {path}: the checkpoint's model differs; set {flags}")
         model.load_state_dict(ckpt["model"])
         return ckpt
 
@@ -326,17 +358,18 @@ def train(cfg: VAEConfig, tc: TrainConfig) -> TrainResult:
             if improved:
                 _save_atomic(ckpt, out / "checkpoint_best.pt")
             _write_history(history, out)
+            bound_name = tc.objective.upper()
+            val_iwae = f"val {bound_name} {val_bound:.2f}  " if k else ""  # the ELBO comes next
             log.info(
-                "epoch %d  train %s %.2f  val %s %.2f  val ELBO %.2f (rec %.2f, KL %.2f)  "
-                "%.0f img/s%s",
+                "epoch %d  train %s %.2f  %sval ELBO %.2f (rec %.2f, KL %.2f)%s  %.0f img/s%s",
                 epoch,
-                tc.objective.upper(),
+                bound_name,
                 row["train_bound"],
-                tc.objective.upper(),
-                val_bound,
+                val_iwae,
                 val["elbo"],
                 val["reconstruction"],
                 val["kl"],
+                f"  sigma {model.sigma:.3f}" if cfg.likelihood == "gaussian" else "",
                 row["images_per_s"],
                 "  *best*" if improved else "",
             )

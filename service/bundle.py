@@ -144,8 +144,13 @@ class Manifest(BaseModel):
 def read_manifest(path: Path) -> Manifest:
     """Parse and validate `path/manifest.json`; BundleError names what is wrong."""
     file = path / "manifest.json"
+    if path.is_file():
+        raise BundleError(
+            f"{path} is a file; a bundle is a directory holding manifest.json, encoder.onnx and "
+            "decoder.onnx (vae export writes one)"
+        )
     if not path.is_dir():
-        raise BundleError(f"bundle directory {path} does not exist (set VAE_BUNDLE)")
+        raise BundleError(f"bundle directory {path} does not exist")
     try:
         raw = json.loads(file.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -186,8 +191,9 @@ def select_providers(device: Device, available: Sequence[str] | None = None) -> 
     available = list(ort.get_available_providers() if available is None else available)
     if device == "cuda" and CUDA not in available:
         raise BundleError(
-            f"VAE_DEVICE=cuda but onnxruntime has no {CUDA} (available: {', '.join(available)}); "
-            "install onnxruntime-gpu on a machine with a GPU, or set VAE_DEVICE=auto or cpu"
+            f"device cuda asked for, but onnxruntime has no {CUDA} (available: "
+            f"{', '.join(available)}); install onnxruntime-gpu on a machine with a GPU, or use "
+            "device auto or cpu"
         )
     if device in ("cuda", "auto") and CUDA in available:
         return [CUDA, CPU]

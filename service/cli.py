@@ -1,9 +1,11 @@
 """`vae`: serve a bundle, or train / export / evaluate a model (those need the train extra)."""
 
 import argparse
+import errno
 import importlib
 import logging
 import os
+import socket
 import sys
 from collections.abc import Sequence
 
@@ -23,22 +25,33 @@ LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
 SERVE_ENV = {"bundle": "VAE_BUNDLE", "device": "VAE_DEVICE", "log_level": "VAE_LOG_LEVEL"}
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """`--help` with each flag's default once: appended unless it is None (the help says why)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `vae` argument parser; model commands pass their arguments through untouched."""
     parser = argparse.ArgumentParser(
         prog="vae",
         description=__doc__,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     serve = commands.add_parser(
         "serve",
         help="serve a bundle over HTTP (settings also come from VAE_* variables)",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     serve.add_argument("--host", default="127.0.0.1", help="interface to bind")
     serve.add_argument("--port", type=int, default=8000, help="TCP port")
-    serve.add_argument("--bundle", help="bundle directory (default: $VAE_BUNDLE or models/mnist)")
+    serve.add_argument(
+        "--bundle", help="bundle directory (default: $VAE_BUNDLE, else the shipped MNIST bundle)"
+    )
     serve.add_argument(
         "--device", choices=["auto", "cpu", "cuda"], help="default: $VAE_DEVICE or auto"
     )
@@ -68,6 +81,46 @@ def run_model_command(argv: list[str]) -> int:
     return int(result or 0)
 
 
+def _source(field: str, args: argparse.Namespace) -> str:
+    """How the user set a serve setting: the flag when given, else its variable."""
+    flag = f"--{field.replace('_', '-')}"
+    env = f"VAE_{field.upper()}"
+    return flag if field in SERVE_ENV and getattr(args, field) is not None else env
+
+
+def settings_errors(exc: ValidationError, args: argparse.Namespace) -> str:
+    """One line per invalid setting, named as the user set it (a flag or a VAE_* variable)."""
+    lines = []
+    for error in exc.errors(include_url=False):
+        field = str(error["loc"][0]) if error["loc"] else ""
+        value = f"={error['input']!s}" if isinstance(error.get("input"), str | int) else ""
+        lines.append(f"  {_source(field, args)}{value}: {error['msg']}")
+    return "\n".join(lines)
+
+
+def port_problem(host: str, port: int) -> str | None:
+    """Why uvicorn could not listen on host:port, found by binding it first; None if it can."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind((host, port))
+        except socket.gaierror:
+            return f"--host {host} is not a valid address or name"
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return (
+                    f"port {port} on {host} is already in use (another server?); stop it or "
+                    "choose another with --port"
+                )
+            if exc.errno == errno.EACCES:
+                return f"no permission to listen on port {port}; choose one above 1023 (--port)"
+            if exc.errno == errno.EADDRNOTAVAIL:
+                return f"--host {host} is not an address of this machine"
+            return f"cannot listen on {host}:{port}: {exc.strerror} (--host, --port)"
+    return None
+
+
 def serve(args: argparse.Namespace) -> int:
     """Validate the configuration, then run uvicorn with the app factory."""
     import uvicorn
@@ -78,13 +131,17 @@ def serve(args: argparse.Namespace) -> int:
             os.environ[env] = str(value)  # workers build their settings from the environment
     try:
         settings = Settings()
-        read_manifest(settings.bundle)
-        select_providers(settings.device)
     except ValidationError as exc:
-        print(f"vae serve: invalid settings:\n{exc}", file=sys.stderr)
+        print(f"vae serve: invalid settings:\n{settings_errors(exc, args)}", file=sys.stderr)
         return 2
-    except BundleError as exc:
-        print(f"vae serve: {exc}", file=sys.stderr)
+    for field, check in (("bundle", read_manifest), ("device", select_providers)):
+        try:
+            check(getattr(settings, field))
+        except BundleError as exc:
+            print(f"vae serve: {exc} (set by {_source(field, args)})", file=sys.stderr)
+            return 2
+    if problem := port_problem(args.host, args.port):
+        print(f"vae serve: {problem}", file=sys.stderr)
         return 2
     logging.basicConfig(level=settings.log_level_number, format=LOG_FORMAT)
     uvicorn.run(

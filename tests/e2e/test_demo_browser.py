@@ -34,7 +34,7 @@ CHROMIUM_ARGS = [
 TIMEOUT_MS = 30_000
 
 # The server fixtures of test_server.py: a real `vae serve` on a free loopback port, serving the
-# default bundle (service/bundles/mnist) when present, else the tiny one; and real MNIST test digits.
+# default bundle (service/bundles/mnist) when present, else the tiny one; and real MNIST digits.
 server = e2e.server
 digits = e2e.digits
 

@@ -1,7 +1,7 @@
 """End to end: a real `vae serve` process on a loopback port, called over HTTP with httpx.
 
-It serves the shipped default bundle (service/bundles/mnist) when the checkout has one, else the tiny test
-bundle, and scores real MNIST test digits from the shared data folder beside the checkout.
+It serves the shipped default bundle (service/bundles/mnist) when the checkout has one, else the
+tiny test bundle, and scores real MNIST test digits from the shared data folder beside the checkout.
 """
 
 from __future__ import annotations
@@ -227,4 +227,5 @@ def test_start_up_failures_are_clear(tiny_bundle: Path, tmp_path: Path) -> None:
     if "CUDAExecutionProvider" not in output and cuda.returncode == 0:
         pytest.skip("this machine has CUDA")
     assert cuda.returncode == 2
-    assert "VAE_DEVICE=cuda but onnxruntime has no CUDAExecutionProvider" in output
+    assert "device cuda asked for, but onnxruntime has no CUDAExecutionProvider" in output
+    assert "(set by --device)" in output

@@ -95,8 +95,14 @@ def test_invalid_manifest_is_named(
 
 
 def test_missing_directory(tmp_path: Path) -> None:
-    with pytest.raises(BundleError, match=r"does not exist \(set VAE_BUNDLE\)"):
+    with pytest.raises(BundleError, match=r"bundle directory .*nowhere does not exist$"):
         load_bundle(tmp_path / "nowhere")
+
+
+def test_a_file_is_not_a_bundle(tmp_path: Path) -> None:
+    (tmp_path / "model.onnx").write_bytes(b"onnx")
+    with pytest.raises(BundleError, match=r"model.onnx is a file; a bundle is a directory"):
+        load_bundle(tmp_path / "model.onnx")
 
 
 def test_onnx_that_onnxruntime_cannot_load(tmp_path: Path) -> None:
@@ -153,7 +159,7 @@ def test_select_providers(device, available, expected) -> None:
 
 def test_cuda_without_gpu_fails_clearly() -> None:
     with pytest.raises(
-        BundleError, match="VAE_DEVICE=cuda but onnxruntime has no CUDAExecutionProvider"
+        BundleError, match="device cuda asked for, but onnxruntime has no CUDAExecutionProvider"
     ):
         select_providers("cuda", [CPU])
 

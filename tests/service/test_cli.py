@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,38 @@ def test_serve_help_shows_defaults(capsys: pytest.CaptureFixture[str]) -> None:
         cli.main(["serve", "--help"])
     out = capsys.readouterr().out
     assert "--port" in out and "(default: 8000)" in out and "--workers" in out
+    assert "(default: None)" not in out
+    flat = " ".join(out.split())
+    assert "(default: $VAE_BUNDLE, else the shipped MNIST bundle)" in flat
+    for flag in ("--host", "--port", "--bundle", "--device", "--workers", "--log-level"):
+        entry = flat.split(f" {flag} ", 1)[1].split(" --", 1)[0]
+        assert entry.count("default") == 1, (flag, entry)
+
+
+def test_a_port_in_use_is_named(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tiny_bundle: Path
+) -> None:
+    monkeypatch.setattr("uvicorn.run", lambda *a, **k: pytest.fail("uvicorn must not start"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        argv = ["serve", "--bundle", str(tiny_bundle), "--port", str(port)]
+        assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"vae serve: port {port} on 127.0.0.1 is already in use (another server?); stop it or "
+        "choose another with --port\n"
+    )
+
+
+def test_a_file_as_the_bundle_is_named(
+    capsys: pytest.CaptureFixture[str], tiny_bundle: Path
+) -> None:
+    assert cli.main(["serve", "--bundle", str(tiny_bundle / "encoder.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert f"{tiny_bundle / 'encoder.onnx'} is a file; a bundle is a directory" in err
+    assert err.rstrip().endswith("(set by --bundle)")
 
 
 def test_serve_runs_uvicorn_with_the_factory(
@@ -68,13 +101,24 @@ def test_serve_runs_uvicorn_with_the_factory(
         (
             ["serve", "--bundle", "/no/such/bundle"],
             {},
-            "bundle directory /no/such/bundle does not exist",
+            "bundle directory /no/such/bundle does not exist (set by --bundle)",
         ),
-        (["serve"], {"VAE_MAX_IMAGES": "0"}, "invalid settings"),
+        (
+            ["serve"],
+            {"VAE_BUNDLE": "/no/such/bundle"},
+            "bundle directory /no/such/bundle does not exist (set by VAE_BUNDLE)",
+        ),
+        (
+            ["serve"],
+            {"VAE_MAX_IMAGES": "0"},
+            "invalid settings:\n  VAE_MAX_IMAGES=0: Input should be greater than or equal to 1",
+        ),
         (
             ["serve", "--device", "cuda"],
             {},
-            "VAE_DEVICE=cuda but onnxruntime has no CUDAExecutionProvider",
+            "CPUExecutionProvider); "
+            "install onnxruntime-gpu on a machine with a GPU, or use device auto or cpu "
+            "(set by --device)",
         ),
     ],
 )

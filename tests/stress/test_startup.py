@@ -53,7 +53,7 @@ CASES: dict[str, tuple[Breaker, int, str]] = {
     "bundle directory missing": (
         shutil.rmtree,
         2,
-        "vae serve: bundle directory {bundle} does not exist (set VAE_BUNDLE)",
+        "vae serve: bundle directory {bundle} does not exist (set by --bundle)",
     ),
     "manifest missing": (
         lambda b: (b / "manifest.json").unlink(),
