@@ -309,7 +309,7 @@ def split_validation(ds: Dataset, val_size: int | float, seed: int) -> tuple[Dat
         n_val = int(val_size)
     if not 0 < n_val < n:
         raise DataError(
-            f"--val-size {val_size} leaves no training or no validation images: the data has "
+            f"--val-size {val_size:g} leaves no training or no validation images: the data has "
             f"{n}; give a fraction such as 0.1 or a count below {n}"
         )
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))

@@ -93,7 +93,7 @@ class VAE(nn.Module):
 
     @property
     def sigma(self) -> float:
-        return float(self.log_sigma.exp())
+        return float(self.log_sigma.detach().exp())
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.encoder(x)  # type: ignore[no-any-return]

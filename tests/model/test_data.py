@@ -97,7 +97,7 @@ def test_truncated_gzip(tmp_path: Path) -> None:
 
 
 def test_missing_directory(tmp_path: Path) -> None:
-    with pytest.raises(DataError, match=r"data not found: .*nope"):
+    with pytest.raises(DataError, match=r"--data .*nope: not found"):
         data_mod.load(str(tmp_path / "nope"))
 
 
@@ -129,9 +129,61 @@ def test_image_folder_with_classes(tmp_path: Path) -> None:
 def test_image_folder_mixed_sizes(tmp_path: Path) -> None:
     _png(tmp_path / "a.png", (8, 8))
     _png(tmp_path / "b.png", (9, 8))
-    with pytest.raises(DataError, match=r"mixed image sizes: .*b.png is 8x9 but .*a.png is 8x8"):
+    with pytest.raises(
+        DataError,
+        match=r"mixed image sizes: .*b.png is 8x9 but .*a.png is 8x8; pass --image-size HxW",
+    ):
         data_mod.load(str(tmp_path))
     assert data_mod.load_image_folder(tmp_path, size=(4, 4)).images.shape == (2, 1, 4, 4)
+
+
+def test_image_folder_channels_are_inferred(tmp_path: Path) -> None:
+    grey_as_rgb = tmp_path / "grey"
+    grey_as_rgb.mkdir()
+    for i in range(3):  # RGB files of grey content, as scans often are: one channel
+        Image.new("RGB", (8, 4), (40 * i, 40 * i, 40 * i)).save(grey_as_rgb / f"{i}.jpg")
+    assert data_mod.load(str(grey_as_rgb)).images.shape == (3, 1, 4, 8)
+    colour = tmp_path / "colour"
+    colour.mkdir()
+    _png(colour / "a.png", (8, 4), 200)
+    Image.new("RGB", (8, 4), (255, 0, 0)).save(colour / "b.png")
+    ds = data_mod.load(str(colour))
+    assert ds.images.shape == (2, 3, 4, 8)  # one colour image makes the set RGB
+    assert torch.allclose(ds.images[0], torch.full((3, 4, 8), 200 / 255))  # grey repeated
+    # an explicit size resizes and an explicit channel count converts, as the server does
+    small = data_mod.load(str(colour), channels=1, size=(2, 2))
+    from service.imaging import LUMA
+
+    assert small.images.shape == (2, 1, 2, 2)
+    assert float(small.images[1].mean()) == pytest.approx(float(LUMA[0]), abs=1 / 255)
+
+
+def test_idx_and_digits_take_a_size_and_channels() -> None:
+    ds = data_mod.load("digits", channels=3, size=(16, 16))
+    assert ds.images.shape == (1797, 3, 16, 16)
+    assert torch.equal(ds.images[:, 0], ds.images[:, 2])
+
+
+@pytest.mark.parametrize(
+    "pixels, expected",
+    [
+        (torch.bernoulli(torch.full((50, 1, 8, 8), 0.3)), "bernoulli"),  # ink on paper
+        (torch.rand(50, 1, 8, 8), "gaussian"),  # continuous tone
+        (torch.bernoulli(torch.full((50, 3, 8, 8), 0.3)), "gaussian"),  # colour
+    ],
+)
+def test_suggested_likelihood(pixels: torch.Tensor, expected: str) -> None:
+    assert data_mod.suggest_likelihood(pixels) == expected
+    assert data_mod.suggest_likelihood(data_mod.load_digits().images) == "bernoulli"
+
+
+@pytest.mark.parametrize(
+    "val_size, sizes", [(0.1, (18, 2)), (0.5, (10, 10)), (0.01, (19, 1)), (5.0, (15, 5))]
+)
+def test_validation_split_sizes(val_size: float, sizes: tuple[int, int]) -> None:
+    ds = data_mod.Dataset(torch.rand(20, 1, 2, 2), None, "x")
+    train, val = data_mod.split_validation(ds, val_size, 0)
+    assert (len(train), len(val)) == sizes
 
 
 def test_image_folder_unreadable_file(tmp_path: Path) -> None:
@@ -161,7 +213,7 @@ def test_filter_classes_and_split() -> None:
     assert not (tr.images.flatten(1)[:, None] == va.images.flatten(1)[None]).all(-1).any()
     with pytest.raises(DataError, match="no images of classes"):
         data_mod.filter_classes(ds, [7])
-    with pytest.raises(DataError, match="leaves no train or no validation"):
+    with pytest.raises(DataError, match=r"--val-size .* leaves no training or no validation"):
         data_mod.split_validation(ds, len(ds), seed=0)
 
 

@@ -112,10 +112,6 @@ def test_cli_export_and_evaluate(tmp_path: Path, capsys: pytest.CaptureFixture[s
     args = [
         "--data",
         "digits",
-        "--height",
-        "8",
-        "--width",
-        "8",
         "--val-size",
         "100",
         "--latent-dim",

@@ -2,25 +2,26 @@
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
+import logging
+import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from model import data as data_mod
-from model.cli import main
+from model.cli import build_parser, main
 from model.evaluate import bounds
 from model.train import load_checkpoint, model_from_checkpoint
 
 DIGITS = [
     "--data",
     "digits",
-    "--height",
-    "8",
-    "--width",
-    "8",
     "--val-size",
     "200",
     "--latent-dim",
@@ -94,13 +95,19 @@ def test_same_seed_same_weights(tmp_path: Path) -> None:
     "extra, message",
     [
         (["--latent-dim", "0"], "latent_dim must be positive, got 0"),
-        (["--height", "10", "--width", "10"], "image size 10x10 is not divisible by 4"),
         (
-            ["--height", "12", "--width", "12"],
-            "has images (1, 8, 8) but the model expects (1, 12, 12)",
+            ["--image-size", "10"],
+            "image size 10x10 is not divisible by 4, the total stride of 2 conv layers: pass "
+            "--image-size with sides that are multiples of 4",
         ),
+        (
+            ["--val-size", "1797"],
+            "--val-size 1797 leaves no training or no validation images: the data has 1797; give "
+            "a fraction such as 0.1 or a count below 1797",
+        ),
+        (["--likelihood", "gaussian", "--binarize", "dynamic"], "use --binarize none"),
         (["--epochs", "0"], "--epochs must be positive"),
-        (["--data", "/nonexistent/dir"], "data not found: /nonexistent/dir"),
+        (["--data", "/nonexistent/dir"], "--data /nonexistent/dir: not found"),
     ],
 )
 def test_bad_input_exits_2_and_writes_nothing(
@@ -117,7 +124,7 @@ def test_resume_from_another_architecture(
 ) -> None:
     args = ["train", *DIGITS, "--latent-dim", "6", "--out", str(tmp_path / "x")]
     assert main([*args, "--resume", str(run / "checkpoint_last.pt")]) == 2
-    assert "checkpoint was trained with a different architecture" in caplog.text
+    assert "the checkpoint's model differs; set --latent-dim (checkpoint 4, asked 6)" in caplog.text
 
 
 def test_resume_from_a_file_that_is_not_a_checkpoint(
@@ -205,3 +212,108 @@ def test_iwae_gradient_must_be_known(tmp_path: Path, capsys: pytest.CaptureFixtu
         main(["train", *DIGITS, "--iwae-gradient", "reinforce", "--out", str(tmp_path / "x")])
     assert e.value.code == 2
     assert "--iwae-gradient" in capsys.readouterr().err
+
+
+SMALL = ["--latent-dim", "4", "--conv-channels", "8,16", "--hidden-dims", "32", "--threads", "1"]
+
+
+def epoch_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch ")]
+
+
+def test_digits_as_typed(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """No shape, split or likelihood flags: 8x8 grey, a 10 % split, Bernoulli."""
+    out = tmp_path / "digits"
+    with caplog.at_level(logging.INFO):
+        assert main(["train", "--data", "digits", *SMALL, "--epochs", "1", "--out", str(out)]) == 0
+    ckpt = load_checkpoint(out / "checkpoint_last.pt")
+    c = ckpt["config"]
+    assert (c["channels"], c["height"], c["width"], c["likelihood"]) == (1, 8, 8, "bernoulli")
+    assert c["learn_sigma"] is False and ckpt["train"]["binarize"] == "dynamic"
+    assert (ckpt["data"]["train_images"], ckpt["data"]["val_images"]) == (1617, 180)
+    (line,) = epoch_lines(caplog)
+    assert line.count("val ELBO") == 1 and line.count("val ") == 1, line
+    assert "likelihood: bernoulli (pass --likelihood to choose another)" in caplog.text
+
+
+def rgb_folder(path: Path, count: int = 24, size: int = 16) -> Path:
+    """Smooth colour images: a random colour per corner, blended across the image."""
+    rng = np.random.default_rng(0)
+    path.mkdir(parents=True)
+    t = np.linspace(0.0, 1.0, size)[:, None, None]
+    s = np.linspace(0.0, 1.0, size)[None, :, None]
+    for i in range(count):
+        a, b, c, d = rng.uniform(0, 255, (4, 1, 1, 3))
+        image = (1 - t) * ((1 - s) * a + s * b) + t * ((1 - s) * c + s * d)
+        Image.fromarray(image.astype(np.uint8)).save(path / f"{i:03d}.png")
+    return path
+
+
+def test_an_rgb_folder_as_typed(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Colour is kept, the size is the images', and the likelihood is a Gaussian with sigma
+    learned; each epoch line shows sigma."""
+    data = rgb_folder(tmp_path / "images")
+    out = tmp_path / "run"
+    args = ["train", "--data", str(data), *SMALL, "--epochs", "2", "--lr", "3e-3"]
+    with caplog.at_level(logging.INFO):
+        assert main([*args, "--out", str(out)]) == 0
+    ckpt = load_checkpoint(out / "checkpoint_last.pt")
+    c = ckpt["config"]
+    assert (c["channels"], c["height"], c["width"]) == (3, 16, 16)
+    assert (c["likelihood"], c["learn_sigma"]) == ("gaussian", True)
+    assert ckpt["train"]["binarize"] == "none"
+    assert (ckpt["data"]["train_images"], ckpt["data"]["val_images"]) == (22, 2)
+    assert float(ckpt["model"]["log_sigma"]) != pytest.approx(math.log(0.1))  # it was learned
+    assert all("sigma " in line for line in epoch_lines(caplog))
+
+    # one flag sets both the resizing and the model; grey on request
+    small = tmp_path / "small"
+    assert main([*args, "--image-size", "8x12", "--channels", "1", "--out", str(small)]) == 0
+    c = load_checkpoint(small / "checkpoint_last.pt")["config"]
+    assert (c["channels"], c["height"], c["width"]) == (1, 8, 12)
+
+
+def test_a_run_folder_is_never_overwritten_silently(
+    run: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    before = (run / "checkpoint_last.pt").read_bytes()
+    assert main(["train", *DIGITS, "--epochs", "1", "--out", str(run)]) == 2
+    assert (
+        f"--out {run} already holds a run (checkpoint_last.pt); pass --resume "
+        f"{run / 'checkpoint_last.pt'} to continue it, --force to replace it, or another --out"
+    ) in caplog.text
+    assert (run / "checkpoint_last.pt").read_bytes() == before
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for name in ("checkpoint_last.pt", "checkpoint_best.pt", "history.json"):
+        (copy / name).write_bytes((run / name).read_bytes())
+    assert main(["train", *DIGITS, "--epochs", "1", "--out", str(copy), "--force"]) == 0
+    assert load_checkpoint(copy / "checkpoint_last.pt")["epoch"] == 1
+    assert [h["epoch"] for h in json.loads((copy / "history.json").read_text())] == [1]
+
+
+@pytest.mark.parametrize("command", ["train", "export", "evaluate"])
+def test_help_shows_every_default_once(command: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "500")  # one line per flag
+    parser, _ = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    command_parser = sub.choices[command]
+    entries: dict[str, str] = {}  # first token of each flag's entry -> the entry, joined
+    current = ""
+    for line in command_parser.format_help().splitlines():
+        if line.startswith("  ") and not line.startswith("   "):
+            current = line.split()[0].rstrip(",")
+            entries[current] = line
+        elif current and line.startswith("   "):
+            entries[current] += " " + line.strip()
+    for action in command_parser._actions:
+        if action.dest == "help":
+            continue
+        assert action.help, f"{action.option_strings or action.dest} has no help"
+        name = action.option_strings[0] if action.option_strings else action.dest
+        entry = entries[name]
+        if action.default is None:
+            assert "(default: None)" not in entry, entry
+        else:
+            assert entry.count("(default: ") == 1, entry
+            assert entry.endswith(f"(default: {action.default})"), entry
