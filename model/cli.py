@@ -344,6 +344,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     for noisy in ("onnxscript", "onnx_ir", "matplotlib", "torch.onnx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # "torchvision is not installed. Skipping torchvision::nms" and seven more on every export:
+    # the exporter lists torchvision's operators, which a VAE never uses
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     try:
         return {"train": cmd_train, "export": cmd_export, "evaluate": cmd_evaluate}[args.command](
             args

@@ -107,7 +107,7 @@ def test_export_refuses_to_overwrite(tiny_bundle: Path) -> None:
         export_bundle(model, tiny_bundle, torch.rand(4, 1, 28, 28))
 
 
-def test_cli_export_and_evaluate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_export_and_evaluate(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
     run = tmp_path / "run"
     args = [
         "--data",
@@ -124,6 +124,7 @@ def test_cli_export_and_evaluate(tmp_path: Path, capsys: pytest.CaptureFixture[s
         "1",
     ]
     assert main(["train", *args, "--out", str(run)]) == 0
+    capfd.readouterr()
     bundle = tmp_path / "bundle"
     assert (
         main(
@@ -144,13 +145,15 @@ def test_cli_export_and_evaluate(tmp_path: Path, capsys: pytest.CaptureFixture[s
         )
         == 0
     )
+    out, err = capfd.readouterr()
+    assert out == f"{bundle}\n"
+    assert "Traceback" not in err  # stderr's quiet in a fresh process: tests/e2e/test_walk.py
     m = json.loads((bundle / "manifest.json").read_text())
     assert m["name"] == "digits" and m["image"] == {"channels": 1, "height": 8, "width": 8}
     assert m["data"]["val_images"] == 100 and m["calibration"]["images"] == 100
     assert m["metrics"]["iwae_k"] == 5 and m["metrics"]["test_images"] == 50
-    capsys.readouterr()
     assert main(["evaluate", str(run / "checkpoint_best.pt"), "--k", "5", "--images", "50"]) == 0
-    res = json.loads(capsys.readouterr().out)
+    res = json.loads(capfd.readouterr().out)
     assert res["test_nll_iwae"] == pytest.approx(m["metrics"]["test_nll_iwae"])
     assert res["test_elbo"] == pytest.approx(res["test_reconstruction"] - res["test_kl"])
 
