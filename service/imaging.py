@@ -271,10 +271,14 @@ def to_png(array: F32) -> bytes:
     return _png(_to_pil(array))
 
 
-def grid_png(arrays: F32, padding: int = 2) -> bytes:
-    """Images `(B, C, H, W)` in [0, 1] -> one PNG, a near-square grid on a black background."""
+def grid_png(arrays: F32, padding: int = 2, columns: int | None = None) -> bytes:
+    """Images `(B, C, H, W)` in [0, 1] -> one PNG: a grid on a black background, near-square
+    unless `columns` is given (B columns: a strip). One image is that image, with no border, as
+    the JSON answer has it."""
     b, c, h, w = arrays.shape
-    columns = math.ceil(math.sqrt(b))
+    if b == 1:
+        return to_png(arrays[0])
+    columns = min(columns or math.ceil(math.sqrt(b)), b)
     rows = math.ceil(b / columns)
     canvas = np.zeros(
         (c, rows * (h + padding) + padding, columns * (w + padding) + padding), dtype=np.float32

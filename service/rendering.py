@@ -68,17 +68,18 @@ def render_images(
     *,
     public: type[ImagesPublic] = ImagesPublic,
     headers: dict[str, str] | None = None,
+    columns: int | None = None,
     **extra: Any,
 ) -> ImagesPublic | Response:
     """`mean (B, C, H, W)` -> base64 PNGs, raw arrays, or one PNG grid (CPU-bound).
 
     `public` and `extra` extend the JSON body; `headers` go on the PNG grid, which has no body to
-    carry them.
+    carry them; `columns` lays the grid out (default: near-square).
     """
     _, c, h, w = mean.shape
     kind = "probabilities" if likelihood == "bernoulli" else "mean"
     if fmt == "grid":
-        return Response(content=grid_png(mean), media_type=PNG, headers=headers)
+        return Response(content=grid_png(mean, columns=columns), media_type=PNG, headers=headers)
     fields: dict[str, Any] = {"channels": c, "height": h, "width": w, "kind": kind, **extra}
     if fmt == "arrays":
         return public(arrays=mean.tolist(), **fields)

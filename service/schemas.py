@@ -16,6 +16,7 @@ from pydantic import (
     WithJsonSchema,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from service.bundle import Manifest, ScoreName
 
@@ -85,7 +86,30 @@ PixelArray = Annotated[
 ]
 
 
-class ImagesRequest(BaseModel):
+class RequestBody(BaseModel):
+    """A JSON request body whose unknown keys are refused with a list of the accepted ones."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            accepted = [field.alias or name for name, field in cls.model_fields.items()]
+            unknown = [key for key in data if key not in accepted]
+            if unknown:
+                raise PydanticCustomError(
+                    "extra_forbidden",
+                    "unknown key(s) {unknown}; this body accepts {accepted}",
+                    {
+                        "unknown": ", ".join(map(repr, unknown)),
+                        "accepted": ", ".join(map(repr, accepted)),
+                    },
+                )
+        return data
+
+
+class ImagesRequest(RequestBody):
     """A JSON body of images: base64-encoded files or nested arrays of pixel values in [0, 1]."""
 
     model_config = ConfigDict(
@@ -114,7 +138,7 @@ class ImagesRequest(BaseModel):
         return self
 
 
-class DecodeRequest(BaseModel):
+class DecodeRequest(RequestBody):
     """Latent vectors to decode, `B x latent_dim`."""
 
     model_config = ConfigDict(

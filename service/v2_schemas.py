@@ -7,6 +7,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
+from service.schemas import RequestBody
+
 Parameters = dict[str, StrictStr | StrictInt | StrictFloat | StrictBool]
 
 
@@ -36,7 +38,7 @@ class ModelMetadata(BaseModel):
     outputs: list[TensorMetadata]
 
 
-class RequestInput(BaseModel):
+class RequestInput(RequestBody):
     """One input tensor; `data` is row-major, flat or nested to `shape`."""
 
     model_config = ConfigDict(extra="forbid")
@@ -48,7 +50,7 @@ class RequestInput(BaseModel):
     data: list[Any]
 
 
-class RequestOutput(BaseModel):
+class RequestOutput(RequestBody):
     """An output the client wants back."""
 
     model_config = ConfigDict(extra="forbid")
@@ -57,7 +59,7 @@ class RequestOutput(BaseModel):
     parameters: Parameters | None = None
 
 
-class InferenceRequest(BaseModel):
+class InferenceRequest(RequestBody):
     """`POST /v2/models/{name}/infer`; without `outputs`, every output is returned."""
 
     model_config = ConfigDict(

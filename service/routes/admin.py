@@ -4,12 +4,13 @@ from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, Body, Depends, HTTPException, Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from service.bundle import BundleError
 from service.deps import SettingsDep, invalid, require_api_key, require_json
 from service.inference import Model
 from service.reload import ReloadInProgress, reload_model
+from service.schemas import RequestBody
 
 ADMIN_DISABLED = (
     "admin endpoints are disabled: no VAE_API_KEY is configured; set VAE_API_KEY to enable them "
@@ -29,10 +30,8 @@ async def require_admin(request: Request, settings: SettingsDep) -> None:
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)])
 
 
-class ReloadRequest(BaseModel):
+class ReloadRequest(RequestBody):
     """Which bundle to load; the one serving now when omitted."""
-
-    model_config = ConfigDict(extra="forbid")
 
     bundle: str | None = Field(
         default=None,

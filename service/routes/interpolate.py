@@ -96,6 +96,7 @@ async def interpolate_images(
             fmt,
             m.manifest.likelihood,
             public=InterpolatePublic,
+            columns=steps,  # a strip, a to b
             mode=mode,
             steps=steps,
             z=z.tolist(),

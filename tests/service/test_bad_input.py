@@ -131,7 +131,7 @@ IMAGE_CASES = [
         "json-unknown-field",
         {"json": {"pictures": []}},
         422,
-        "body.pictures: Extra inputs are not permitted",
+        "body: unknown key(s) 'pictures'; this body accepts 'images', 'pixels'",
     ),
     (
         "json-empty-list",

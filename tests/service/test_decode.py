@@ -111,3 +111,11 @@ def test_sample_grid_carries_the_seed(client: TestClient) -> None:
 def test_sample_arrays(client: TestClient) -> None:
     body = client.get("/sample", params={"n": 2, "format": "arrays"}).json()
     assert np.array(body["arrays"]).shape == (2, 1, 28, 28)
+
+
+def test_a_wrong_key_gets_the_accepted_keys(client: TestClient) -> None:
+    response = client.post("/decode", json={"latents": [[0.0] * 8]})
+    assert response.status_code == 422
+    (error,) = response.json()["detail"]
+    assert error["loc"] == ["body"]
+    assert error["msg"] == "unknown key(s) 'latents'; this body accepts 'z'"

@@ -129,10 +129,17 @@ def test_png_round_trip() -> None:
     assert rgb.mode == "RGB"
 
 
-@pytest.mark.parametrize("count, columns, rows", [(1, 1, 1), (4, 2, 2), (5, 3, 2), (16, 4, 4)])
+@pytest.mark.parametrize("count, columns, rows", [(2, 2, 1), (4, 2, 2), (5, 3, 2), (16, 4, 4)])
 def test_grid_is_near_square(count: int, columns: int, rows: int) -> None:
     grid = Image.open(io.BytesIO(grid_png(np.ones((count, *GREY), np.float32))))
     assert grid.size == (columns * 30 + 2, rows * 30 + 2)
+
+
+def test_a_grid_of_one_is_the_image_and_a_strip_is_one_row() -> None:
+    x = stroke()[None]
+    assert grid_png(x[None]) == to_png(x)  # no border: the same PNG as the JSON answer's
+    strip = Image.open(io.BytesIO(grid_png(np.ones((8, *GREY), np.float32), columns=8)))
+    assert strip.size == (8 * 30 + 2, 32)
 
 
 def pillow_only(monkeypatch: pytest.MonkeyPatch, data: bytes, shape: tuple[int, int, int]) -> Any:

@@ -99,7 +99,7 @@ def test_png_grid(client: TestClient) -> None:
     assert response.status_code == 200
     assert response.headers["content-type"] == "image/png"
     grid = Image.open(io.BytesIO(response.content))
-    assert grid.size == (3 * 30 + 2, 3 * 30 + 2)  # 8 steps in a 3x3 grid, 2 px padding
+    assert grid.size == (8 * 30 + 2, 30 + 2)  # 8 steps in a strip, 2 px padding
     images = client.post("/interpolate", files=_pair()).json()["images"]
     assert len(images) == 8
 

@@ -33,3 +33,8 @@ def test_reconstruction_formats(client: TestClient) -> None:
     )
     assert grid.headers["content-type"] == "image/png"
     assert Image.open(io.BytesIO(grid.content)).size == (62, 32)
+    # one image: the PNG answer is the JSON answer's PNG, byte for byte (no border)
+    png = client.post(
+        "/reconstruct", files=files(encode(stroke())), headers={"Accept": "image/png"}
+    ).content
+    assert png == base64.b64decode(body["images"][0])

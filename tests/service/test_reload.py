@@ -124,7 +124,12 @@ def test_a_bad_bundle_is_refused_and_the_old_keeps_serving(
             "/nowhere is not a directory on the server",
         ),
         (json.dumps({"bundle": ""}), "application/json", 422, "at least 1 character"),
-        (json.dumps({"bundel": "models/mnist"}), "application/json", 422, "Extra inputs"),
+        (
+            json.dumps({"bundel": "/srv/b"}),
+            "application/json",
+            422,
+            "unknown key(s) 'bundel'; this body accepts 'bundle'",
+        ),
         (json.dumps({"bundle": 3}), "application/json", 422, "valid string"),
         ("[1]", "application/json", 422, "valid dictionary"),
         ("{bad", "application/json", 422, "JSON decode error"),

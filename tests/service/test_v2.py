@@ -161,7 +161,7 @@ def x_input(**changes: Any) -> dict[str, Any]:
         ([x_input(), x_input()], "model 'tiny-bernoulli-encoder' takes one input named 'x'; got ['x', 'x']"),  # noqa: E501
         ([{"name": "x", "shape": [1]}], "body.inputs.0.datatype: Field required; body.inputs.0.data: Field required"),  # noqa: E501
         ([x_input(shape="1,1,28,28")], "body.inputs.0.shape: Input should be a valid list"),
-        ([x_input(extra=1)], "body.inputs.0.extra: Extra inputs are not permitted"),
+        ([x_input(extra=1)], "body.inputs.0: unknown key(s) 'extra'; this body accepts 'name', 'shape', 'datatype', 'parameters', 'data'"),  # noqa: E501
     ],
 )  # fmt: skip
 def test_bad_inputs_are_400(client: TestClient, inputs: list[Any], message: str) -> None:
