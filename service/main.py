@@ -20,6 +20,7 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi_offline import FastAPIOffline
 from starlette.concurrency import run_in_threadpool
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -191,7 +192,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             served, app.state.model = app.state.model, None
             await run_in_threadpool(served.close)
 
-    app = FastAPI(
+    # /docs and /redoc from fastapi-offline's copies of Swagger UI and ReDoc, not from a CDN: they
+    # work on a machine without internet access
+    app = FastAPIOffline(
         title="VAE server",
         version=__version__,
         description=DESCRIPTION,
