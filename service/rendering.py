@@ -61,6 +61,11 @@ def choose_format(requested: OutputFormat | None, accept: str | None) -> OutputF
     return "grid" if png_q > json_q else "base64"
 
 
+def png_base64(images: F32) -> list[str]:
+    """`(B, C, H, W)` in [0, 1] -> one base64 PNG per image."""
+    return [base64.b64encode(to_png(image)).decode("ascii") for image in images]
+
+
 def render_images(
     mean: F32,
     fmt: OutputFormat,
@@ -83,5 +88,4 @@ def render_images(
     fields: dict[str, Any] = {"channels": c, "height": h, "width": w, "kind": kind, **extra}
     if fmt == "arrays":
         return public(arrays=mean.tolist(), **fields)
-    images = [base64.b64encode(to_png(image)).decode("ascii") for image in mean]
-    return public(images=images, **fields)
+    return public(images=png_base64(mean), **fields)

@@ -183,6 +183,16 @@ class ImagesPublic(BaseModel):
     )
 
 
+class ReconstructPublic(ImagesPublic):
+    """Reconstructions, and with `inputs=true` the images as the model saw them."""
+
+    inputs: list[str] | None = Field(
+        default=None,
+        description="base64 PNG per input image after conversion to the model's channels and "
+        "size: what the encoder was given (inputs=true)",
+    )
+
+
 class SamplePublic(ImagesPublic):
     """Images decoded from z ~ N(0, temperature^2 I)."""
 

@@ -61,17 +61,18 @@ async function loadModelInfo() {
     const { channels, height, width } = model.image;
     info.textContent = `${model.name} ${model.version} · ${width}×${height}×${channels} · ` +
       `latent ${model.latent_dim} · ${model.likelihood}`;
+    $("score-input-caption").textContent = `Input, as the model saw it (${width}×${height})`;
   } catch (error) {
     info.textContent = `Model info unavailable: ${error.message}`;
   }
 }
 
-// Score: /elbo for the numbers, /reconstruct for the picture, in parallel.
+// Score: /elbo for the numbers, /reconstruct for the pictures (the input converted and resized
+// as the model saw it, and its reconstruction), in parallel.
 async function scoreFile(file) {
   const status = $("score-status");
   if (!file) return;
   setStatus(status, `Scoring ${file.name}…`);
-  showBlob($("score-input"), file);
   const form = () => {
     const data = new FormData();
     data.append("images", file, file.name);
@@ -80,9 +81,10 @@ async function scoreFile(file) {
   try {
     const [elbo, reconstruction] = await Promise.all([
       api("/elbo", { method: "POST", body: form() }).then((r) => r.json()),
-      api("/reconstruct", { method: "POST", body: form() }).then((r) => r.json()),
+      api("/reconstruct?inputs=true", { method: "POST", body: form() }).then((r) => r.json()),
     ]);
     const result = elbo.results[0];
+    $("score-input").src = pngDataUrl(reconstruction.inputs[0]);
     $("score-reconstruction").src = pngDataUrl(reconstruction.images[0]);
     $("score-elbo").textContent = result.elbo.toFixed(2);
     $("score-percentile").textContent =

@@ -61,7 +61,7 @@ def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 class Page:
     """A page on `origin` that records console errors and requests leaving the origin."""
 
-    def __init__(self, browser: Any, origin: str) -> None:
+    def __init__(self, browser: Any, origin: str, path: str = "/") -> None:
         self.page = browser.new_page()
         self.errors: list[str] = []
         self.foreign: list[str] = []
@@ -77,7 +77,7 @@ class Page:
                 route.abort()
 
         self.page.route("**/*", guard)
-        self.page.goto(f"{origin}/")
+        self.page.goto(f"{origin}{path}")
 
 
 @pytest.fixture
@@ -99,6 +99,12 @@ def loaded(page: Any, selector: str) -> None:
     )
 
 
+BROKEN_IMAGES = """() => [...document.images]
+    .filter((i) => getComputedStyle(i).display !== "none" && i.offsetParent !== null)
+    .filter((i) => !(i.complete && i.naturalWidth > 0))
+    .map((i) => i.id)"""
+
+
 def test_the_demo_page(
     page: Page, digits: np.ndarray, bundle: Path, tmp_path: Path, server: httpx.Client
 ) -> None:
@@ -108,6 +114,9 @@ def test_the_demo_page(
     # locators, not string predicates: those are eval'd in the page, which its CSP forbids
     p.locator("#model-info", has_text="latent").wait_for()
     assert manifest["name"] in p.text_content("#model-info")
+    # nothing shown before it exists: no broken-image bar under "Sample from the prior"
+    assert p.evaluate(BROKEN_IMAGES) == []
+    assert not p.locator("#sample-grid").is_visible()
 
     # score: an uploaded digit shows its reconstruction, ELBO, percentile and verdict
     digit = tmp_path / "digit.png"
@@ -123,6 +132,11 @@ def test_the_demo_page(
     if bundle == e2e.DEFAULT_BUNDLE:  # the tiny bundle knows strokes, not digits
         assert p.text_content("#score-verdict") == "Normal"
     loaded(p, "#score-input, #score-reconstruction")
+    # the input as the model saw it: converted and resized to the model's size, not the upload
+    width, height = manifest["image"]["width"], manifest["image"]["height"]
+    assert p.evaluate("document.getElementById('score-input').naturalWidth") == width
+    assert p.evaluate("document.getElementById('score-input').naturalHeight") == height
+    assert f"({width}×{height})" in (p.text_content("#score-input-caption") or "")
 
     # sample: a PNG grid for the seed and temperature asked for
     p.fill("#sample-seed", "7")
@@ -141,6 +155,9 @@ def test_the_demo_page(
     p.click("#interp-button")
     loaded(p, "#interp-strip img")
     assert p.locator("#interp-strip img").count() == 8
+    tops = p.evaluate("[...document.querySelectorAll('#interp-strip img')].map((i) => i.y)")
+    assert len(set(tops)) == 1, f"the path is not one strip: rows at {sorted(set(tops))}"
+    assert p.evaluate(BROKEN_IMAGES) == []
 
     p.screenshot(path=str(tmp_path / "demo.png"), full_page=True)
     assert (tmp_path / "demo.png").stat().st_size > 0
@@ -194,3 +211,30 @@ def _ready(url: str) -> bool:
         return httpx.get(f"{url}/readyz", timeout=5.0).status_code == 200
     except httpx.TransportError:
         return False
+
+
+# ReDoc's standalone bundle hard-codes the "API docs by Redocly" footer logo from its CDN (no
+# option turns it off); offline that 16-pixel logo is missing and nothing else.
+REDOC_LOGO = "https://cdn.redoc.ly/redoc/logo-mini.svg"
+
+
+@pytest.mark.parametrize(
+    "path, rendered",
+    [
+        ("/docs", ".swagger-ui .opblock-summary-path >> text=/elbo"),
+        ("/redoc", ".redoc-wrap >> text=/reconstruct"),
+    ],
+)
+def test_the_api_docs_work_offline(
+    browser: Any, server: httpx.Client, path: str, rendered: str
+) -> None:
+    """Swagger UI and ReDoc render the API from the server's own assets: every request that
+    leaves the server is blocked (and fails the test), as on a machine without internet."""
+    docs = Page(browser, str(server.base_url).rstrip("/"), path)
+    try:
+        docs.page.locator(rendered).first.wait_for()
+        foreign = [url for url in docs.foreign if url != REDOC_LOGO]
+        assert foreign == [], "the docs fetched from outside the server"
+        assert [e for e in docs.errors if "ERR_FAILED" not in e] == []
+    finally:
+        docs.page.close()

@@ -9,6 +9,7 @@ import numpy as np
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from service.imaging import decode_image
 from tests.service.helpers import encode, files, stroke
 
 
@@ -38,3 +39,19 @@ def test_reconstruction_formats(client: TestClient) -> None:
         "/reconstruct", files=files(encode(stroke())), headers={"Accept": "image/png"}
     ).content
     assert png == base64.b64decode(body["images"][0])
+
+
+def test_inputs_as_the_model_saw_them(client: TestClient) -> None:
+    """A 56x56 RGB upload comes back as the 28x28 grey image the encoder was given."""
+    rgb = np.zeros((56, 56, 3), np.uint8)
+    rgb[10:40, 20:30] = (255, 128, 0)
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, format="PNG")
+    upload = files(buffer.getvalue())
+    body = client.post("/reconstruct", params={"inputs": "true"}, files=upload).json()
+    (seen,) = body["inputs"]
+    image = Image.open(io.BytesIO(base64.b64decode(seen)))
+    assert (image.mode, image.size) == ("L", (28, 28))
+    expected = decode_image(buffer.getvalue(), (1, 28, 28), max_pixels=1 << 20, strict=False)
+    np.testing.assert_allclose(np.asarray(image) / 255.0, expected[0], atol=1 / 255 + 1e-6)
+    assert client.post("/reconstruct", files=upload).json()["inputs"] is None  # unasked
