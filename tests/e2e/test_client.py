@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import io
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import numpy as np
@@ -93,3 +94,22 @@ def test_errors_carry_the_servers_detail(vae: VAEClient) -> None:
         vae.decode(np.zeros((1, 3), np.float32))
     with pytest.raises(VAEError, match=r"422: .*floats must be in \[0, 1\]"):
         vae.encode(np.full((28, 28), 2.0))
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        lambda x: x,  # (B, C, H, W)
+        lambda x: np.moveaxis(x, 1, -1),  # (B, H, W, 3), as Pillow gives them
+        lambda x: np.concatenate([np.moveaxis(x, 1, -1), np.full((2, 28, 28, 1), 255)], -1),
+    ],
+    ids=["channels-first", "channels-last", "rgba"],
+)
+def test_colour_layouts_are_understood(vae: VAEClient, server: httpx.Client, layout: Any) -> None:
+    rgb = np.zeros((2, 3, 28, 28), np.uint8)
+    rgb[:, 0, 4:24, 10:14] = 255  # a red bar: grey for the 1-channel model after luma
+    rgb[1, 2, 4:24, 14:18] = 200
+    got = vae.encode(layout(rgb).astype(np.uint8)).mu
+    pixels = {"pixels": (rgb / 255.0).tolist()}  # (C, H, W) per image, converted alike
+    expected = [r["mu"] for r in server.post("/encode", json=pixels).json()["results"]]
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
