@@ -134,13 +134,19 @@ def _plot(history: list[dict[str, float]], path: Path) -> None:
     plt.close(fig)
 
 
-def _write_history(history: list[dict[str, float]], out: Path) -> None:
+# curves.png is redrawn at most this often (and at the end): a matplotlib figure takes about a
+# second, which on small data would cost more than the epoch it plots
+PLOT_EVERY_S = 30.0
+
+
+def _write_history(history: list[dict[str, float]], out: Path, plot: bool) -> None:
     (out / "history.json").write_text(json.dumps(history, indent=1))
     with open(out / "history.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(history[0]))
         w.writeheader()
         w.writerows(history)
-    _plot(history, out / "curves.png")
+    if plot:
+        _plot(history, out / "curves.png")
 
 
 @dataclass
@@ -271,7 +277,7 @@ def train(cfg: VAEConfig, tc: TrainConfig, full: data_mod.Dataset | None = None)
             objective_sum, bound = (t.reconstruction - beta * t.kl).sum(), t.elbo
         return -objective_sum * world / global_batch, bound.detach()
 
-    t_start = time.time()
+    t_start = last_plot = time.time()
     for epoch in range(start_epoch, tc.epochs + 1):
         model.train()
         beta = min(1.0, epoch / tc.kl_warmup_epochs) if tc.kl_warmup_epochs > 0 else 1.0
@@ -357,7 +363,11 @@ def train(cfg: VAEConfig, tc: TrainConfig, full: data_mod.Dataset | None = None)
             _save_atomic(ckpt, out / "checkpoint_last.pt")
             if improved:
                 _save_atomic(ckpt, out / "checkpoint_best.pt")
-            _write_history(history, out)
+            last = epoch == tc.epochs or bool(tc.patience and since_best >= tc.patience)
+            plot = last or time.time() - last_plot >= PLOT_EVERY_S
+            _write_history(history, out, plot)
+            if plot:
+                last_plot = time.time()
             bound_name = tc.objective.upper()
             val_iwae = f"val {bound_name} {val_bound:.2f}  " if k else ""  # the ELBO comes next
             log.info(
