@@ -81,6 +81,7 @@ def train_and_export(digit: int, data: Path, cache: Path, epochs: int, latent: i
                 "1",
                 "--out",
                 str(run),
+                "--force",  # a run interrupted before its first best checkpoint starts over
                 "--log-level",
                 "WARNING",
             ],
