@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from service.settings import DEFAULT_BUNDLE
@@ -91,3 +92,18 @@ def default_bundle() -> Path:
     if not (DEFAULT_BUNDLE / "manifest.json").is_file():
         pytest.fail(f"the shipped default bundle is missing: {DEFAULT_BUNDLE}")
     return DEFAULT_BUNDLE
+
+
+def colour_folder(path: Path, count: int, seed: int, size: int = 8) -> Path:
+    """`count` smooth colour PNGs: four random corner colours blended across a `size` square."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    path.mkdir(parents=True)
+    t = np.linspace(0.0, 1.0, size)[:, None, None]
+    s = np.linspace(0.0, 1.0, size)[None, :, None]
+    for i in range(count):
+        a, b, c, d = rng.uniform(0, 255, (4, 1, 1, 3))
+        image = (1 - t) * ((1 - s) * a + s * b) + t * ((1 - s) * c + s * d)
+        Image.fromarray(image.astype(np.uint8)).save(path / f"{i:03d}.png")
+    return path

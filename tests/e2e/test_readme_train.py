@@ -16,10 +16,9 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
+from tests.conftest import colour_folder
 from tests.e2e.test_server import REPO, free_port, stop, wait_ready
 
 SECTION = "## Train and export your own model"
@@ -36,19 +35,6 @@ def section_blocks() -> tuple[list[str], str]:
     return lines, python.group(1)
 
 
-def draw_folder(path: Path, count: int, seed: int, size: int = 8) -> Path:
-    """Smooth colour images: four random corner colours blended across the square."""
-    rng = np.random.default_rng(seed)
-    path.mkdir(parents=True)
-    t = np.linspace(0.0, 1.0, size)[:, None, None]
-    s = np.linspace(0.0, 1.0, size)[None, :, None]
-    for i in range(count):
-        a, b, c, d = rng.uniform(0, 255, (4, 1, 1, 3))
-        image = (1 - t) * ((1 - s) * a + s * b) + t * ((1 - s) * c + s * d)
-        Image.fromarray(image.astype(np.uint8)).save(path / f"{i:03d}.png")
-    return path
-
-
 def run(command: str, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     done = subprocess.run(
         ["bash", "-c", command], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
@@ -63,8 +49,8 @@ def test_train_your_own_as_written(tmp_path: Path) -> None:
     install, train, export, serve = lines
     assert install == ".venv/bin/pip install -e '.[train]'"
     (tmp_path / ".venv").symlink_to(Path(sys.prefix))
-    draw_folder(tmp_path / "path" / "to" / "images", 16, seed=0)
-    draw_folder(tmp_path / "path" / "to" / "new", 3, seed=1)
+    colour_folder(tmp_path / "path" / "to" / "images", 16, seed=0)
+    colour_folder(tmp_path / "path" / "to" / "new", 3, seed=1)
     env = {k: v for k, v in os.environ.items() if not k.startswith("VAE_")}
     seconds = {}
 

@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.e2e.test_readme_train import draw_folder
+from tests.conftest import colour_folder
 from tests.e2e.test_server import REPO, free_port, stop, wait_ready
 
 SOURCES = ("pyproject.toml", "README.md", "model", "service")
@@ -52,7 +52,7 @@ def env_without_vae() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k not in drop and not k.startswith("VAE_")}
 
 
-def run(argv: list[str], cwd: Path, **kwargs: object) -> subprocess.CompletedProcess[str]:
+def run(argv: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
     done = subprocess.run(
         argv, cwd=cwd, env=env_without_vae(), capture_output=True, text=True, timeout=600
     )
@@ -110,14 +110,16 @@ def test_a_new_users_walk(tmp_path: Path) -> None:
         assert httpx.get(f"{url}/model").json()["name"] == "mnist-vae"
         docs = httpx.get(f"{url}/docs").text
         assert "/static-offline-docs/swagger-ui-bundle.js" in docs and "cdn" not in docs
-        scored = json.loads(run([str(fresh_python), "-c", SCORE, url, str(seven)], elsewhere).stdout)
+        scored = json.loads(
+            run([str(fresh_python), "-c", SCORE, url, str(seven)], elsewhere).stdout
+        )
         assert scored["raw"]["is_anomaly"] is False
         lap("score examples/seven.png with the client")
 
     # 2. training, as typed: no shape, split or likelihood flags
     train_vae = Path(sys.prefix) / "bin" / "vae"
     work = tmp_path / "work"
-    draw_folder(work / "photos", 24, seed=0, size=16)
+    colour_folder(work / "photos", 24, seed=0, size=16)
     common = ["--epochs", "2", "--threads", "1"]
     run([str(train_vae), "train", "--data", "photos", *common, "--out", "runs/photos"], work)
     lap("vae train --data photos (24 RGB 16x16, 2 epochs)")
@@ -138,7 +140,9 @@ def test_a_new_users_walk(tmp_path: Path) -> None:
     photo = work / "photos" / "000.png"
     with serving(fresh_vae, elsewhere, "--bundle", str(work / "models" / "photos")) as url:
         lap("vae serve (new bundle) to ready")
-        scored = json.loads(run([str(fresh_python), "-c", SCORE, url, str(photo)], elsewhere).stdout)
+        scored = json.loads(
+            run([str(fresh_python), "-c", SCORE, url, str(photo)], elsewhere).stdout
+        )
         lap("score a photo with the client")
     assert np.isfinite(scored["elbo"]) and scored["raw"]["iwae"] is not None
     assert 0.0 <= scored["percentile"] <= 100.0

@@ -9,15 +9,14 @@ import logging
 import math
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from model import data as data_mod
 from model.cli import build_parser, main
 from model.evaluate import bounds
 from model.train import load_checkpoint, model_from_checkpoint
+from tests.conftest import colour_folder
 
 DIGITS = [
     "--data",
@@ -236,23 +235,10 @@ def test_digits_as_typed(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> No
     assert "likelihood: bernoulli (pass --likelihood to choose another)" in caplog.text
 
 
-def rgb_folder(path: Path, count: int = 24, size: int = 16) -> Path:
-    """Smooth colour images: a random colour per corner, blended across the image."""
-    rng = np.random.default_rng(0)
-    path.mkdir(parents=True)
-    t = np.linspace(0.0, 1.0, size)[:, None, None]
-    s = np.linspace(0.0, 1.0, size)[None, :, None]
-    for i in range(count):
-        a, b, c, d = rng.uniform(0, 255, (4, 1, 1, 3))
-        image = (1 - t) * ((1 - s) * a + s * b) + t * ((1 - s) * c + s * d)
-        Image.fromarray(image.astype(np.uint8)).save(path / f"{i:03d}.png")
-    return path
-
-
 def test_an_rgb_folder_as_typed(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Colour is kept, the size is the images', and the likelihood is a Gaussian with sigma
     learned; each epoch line shows sigma."""
-    data = rgb_folder(tmp_path / "images")
+    data = colour_folder(tmp_path / "images", 24, seed=0, size=16)
     out = tmp_path / "run"
     args = ["train", "--data", str(data), *SMALL, "--epochs", "2", "--lr", "3e-3"]
     with caplog.at_level(logging.INFO):
