@@ -86,6 +86,11 @@ PixelArray = Annotated[
 ]
 
 
+# an unknown key is echoed in the 422 up to this many characters, and up to this many keys
+MAX_KEY_SHOWN = 40
+MAX_KEYS_SHOWN = 5
+
+
 class RequestBody(BaseModel):
     """A JSON request body whose unknown keys are refused with a list of the accepted ones."""
 
@@ -98,13 +103,13 @@ class RequestBody(BaseModel):
             accepted = [field.alias or name for name, field in cls.model_fields.items()]
             unknown = [key for key in data if key not in accepted]
             if unknown:
+                named = ", ".join(repr(key[:MAX_KEY_SHOWN]) for key in unknown[:MAX_KEYS_SHOWN])
+                extra = len(unknown) - MAX_KEYS_SHOWN
+                more = f" and {extra} more" if extra > 0 else ""
                 raise PydanticCustomError(
                     "extra_forbidden",
-                    "unknown key(s) {unknown}; this body accepts {accepted}",
-                    {
-                        "unknown": ", ".join(map(repr, unknown)),
-                        "accepted": ", ".join(map(repr, accepted)),
-                    },
+                    "unknown key(s) {unknown}{more}; this body accepts {accepted}",
+                    {"unknown": named, "more": more, "accepted": ", ".join(map(repr, accepted))},
                 )
         return data
 

@@ -119,3 +119,14 @@ def test_a_wrong_key_gets_the_accepted_keys(client: TestClient) -> None:
     (error,) = response.json()["detail"]
     assert error["loc"] == ["body"]
     assert error["msg"] == "unknown key(s) 'latents'; this body accepts 'z'"
+
+
+def test_many_or_long_unknown_keys_are_cut_short(client: TestClient) -> None:
+    body = {"z": [[0.0] * 8], **{f"k{i}": 0 for i in range(7)}, "x" * 1000: 0}
+    (error,) = client.post("/decode", json=body).json()["detail"]
+    assert error["msg"] == (
+        "unknown key(s) 'k0', 'k1', 'k2', 'k3', 'k4' and 3 more; this body accepts 'z'"
+    )
+    body = {"x" * 1000: 0}
+    (error,) = client.post("/decode", json=body).json()["detail"]
+    assert error["msg"] == f"unknown key(s) '{'x' * 40}'; this body accepts 'z'"
