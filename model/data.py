@@ -103,6 +103,7 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".ti
 GREY_MODES = {"1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"}
 # An RGB image whose channels differ by at most this is grey (JPEG noise on a grey scan)
 GREY_TOLERANCE = 2
+MAX_PIXELS = 1 << 30  # per training image; Pillow's own decompression-bomb check still applies
 
 
 def _is_colour(image: Any) -> bool:
@@ -119,12 +120,12 @@ def load_image_folder(
     """A folder of images; sub-folders, if any, are classes (sorted names -> 0, 1, ...).
 
     `channels` None: 3 when any image has colour, else 1. `size` (H, W) None: the images' own
-    size, which must then be the same for all. Channels are converted and images resized exactly
-    as the server converts an upload (service.imaging: ITU-R 601 luma, Lanczos).
+    size, which must then be the same for all. Each file is decoded, converted and resized by the
+    server's own decoder (service.imaging.decode_image), so training sees what serving will.
     """
     from PIL import Image, UnidentifiedImageError
 
-    from service.imaging import convert_channels, resize
+    from service.imaging import ImageError, decode_image
 
     directory = Path(directory)
     if not directory.is_dir():
@@ -136,7 +137,7 @@ def load_image_folder(
         {p.parent.relative_to(directory).parts[0] for p in files if p.parent != directory}
     )
 
-    def open_image(p: Path, decode: bool = True) -> Any:
+    def open_image(p: Path, decode: bool) -> Any:
         try:
             with Image.open(p) as opened:
                 if decode:
@@ -168,21 +169,15 @@ def load_image_folder(
             size = first[:2]
         if channels is None:
             channels = 3 if colour else 1
-        log.info(
-            "%s: %d images, %dx%d, %d channel(s)%s",
-            directory,
-            len(files),
-            size[0],
-            size[1],
-            channels,
-            "" if colour or channels == 1 else " (inferred: the images are grey)",
-        )
+        log.info("%s: %d images, %dx%d, %d channel(s)", directory, len(files), *size, channels)
     arrays, labels = [], []
     for p in files:
-        im = open_image(p)
-        rgb = np.asarray(im.convert("L" if im.mode in GREY_MODES else "RGB"), dtype=np.float32)
-        a = rgb[None] / 255.0 if rgb.ndim == 2 else rgb.transpose(2, 0, 1) / 255.0
-        arrays.append(resize(convert_channels(a, channels), *size))
+        try:
+            arrays.append(
+                decode_image(p.read_bytes(), (channels, *size), max_pixels=MAX_PIXELS, strict=False)
+            )
+        except (ImageError, OSError) as e:
+            raise DataError(f"unreadable image {p}: {e}") from e
         if classes:
             top = p.parent.relative_to(directory).parts
             labels.append(classes.index(top[0]) if top else -1)
