@@ -218,10 +218,21 @@ def _test_images(source: str, cfg: VAEConfig, ckpt: dict[str, Any], limit: int) 
     return x[:limit] if limit else x
 
 
+# Images larger than this (pixels) are not taken at their own size without --image-size: the
+# dense layers of these networks grow with the image (a 1000x1000 photo: billions of weights).
+MAX_INFERRED_PIXELS = 128 * 128
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     # the data first: the model's shape and likelihood default to what suits it
     full = data_mod.load(args.data, "train", args.channels, args.image_size)
     channels, height, width = full.images.shape[1:]
+    if args.image_size is None and height * width > MAX_INFERRED_PIXELS:
+        raise ValueError(
+            f"--data {args.data} has {height}x{width} images, too large for this model at their "
+            "own size: pass --image-size, e.g. --image-size 64 (or larger, knowing the model "
+            "grows with it)"
+        )
     likelihood = args.likelihood
     if likelihood == "auto":
         likelihood = data_mod.suggest_likelihood(full.images)

@@ -259,6 +259,18 @@ def test_an_rgb_folder_as_typed(tmp_path: Path, caplog: pytest.LogCaptureFixture
     assert (c["channels"], c["height"], c["width"]) == (1, 8, 12)
 
 
+def test_large_images_need_an_explicit_size(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    data = colour_folder(tmp_path / "big", 2, seed=0, size=160)
+    out = tmp_path / "out"
+    assert main(["train", "--data", str(data), *SMALL, "--epochs", "1", "--out", str(out)]) == 2
+    assert "has 160x160 images, too large for this model at their own size: pass --image-size" in (
+        caplog.text
+    )
+    assert not out.exists()
+
+
 def test_a_run_folder_is_never_overwritten_silently(
     run: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
