@@ -16,7 +16,7 @@ from model import data as data_mod
 from model.config import VAEConfig
 from model.evaluate import evaluate
 from model.export import export_bundle
-from model.train import TrainConfig, model_from_checkpoint, pick_device, train
+from model.train import TrainConfig, model_from_checkpoint, pick_device, previous_run, train
 from service.cli import HelpFormatter
 
 log = logging.getLogger("vae")
@@ -224,6 +224,7 @@ MAX_INFERRED_PIXELS = 128 * 128
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    previous_run(args.out, args.resume, args.force)  # refused before the data is loaded
     # the data first: the model's shape and likelihood default to what suits it
     full = data_mod.load(args.data, "train", args.channels, args.image_size)
     channels, height, width = full.images.shape[1:]

@@ -164,21 +164,20 @@ RUN_FILES = (
 )
 
 
-def check_run_folder(tc: TrainConfig) -> None:
-    """Refuse to write over a previous run unless resuming it or forced (then clear it)."""
-    out = Path(tc.out)
-    previous = [out / name for name in RUN_FILES if (out / name).exists()]
-    if not previous or tc.resume:
-        return
-    if not tc.force:
+def previous_run(out: str, resume: str | None, force: bool) -> list[Path]:
+    """The files of a run already in `out` that this one will replace; FileExistsError unless
+    resuming it or forced."""
+    folder = Path(out)
+    previous = [folder / name for name in RUN_FILES if (folder / name).exists()]
+    if not previous or resume:
+        return []
+    if not force:
         raise FileExistsError(
             f"--out {out} already holds a run ({previous[0].name}); pass --resume "
-            f"{out / 'checkpoint_last.pt'} to continue it, --force to replace it, or another --out"
+            f"{folder / 'checkpoint_last.pt'} to continue it, --force to replace it, or another "
+            "--out"
         )
-    if int(os.environ.get("RANK", "0")) == 0:
-        for path in previous:
-            path.unlink()
-        log.warning("--force: replaced the run in %s", out)
+    return previous
 
 
 def train(cfg: VAEConfig, tc: TrainConfig, full: data_mod.Dataset | None = None) -> TrainResult:
@@ -198,7 +197,7 @@ def train(cfg: VAEConfig, tc: TrainConfig, full: data_mod.Dataset | None = None)
         raise ValueError(f"--batch-size {tc.batch_size} is not divisible by {world} processes")
     torch.manual_seed(tc.seed)
     out = Path(tc.out)
-    check_run_folder(tc)
+    replaced = previous_run(tc.out, tc.resume, tc.force)
 
     if full is None:
         full = data_mod.load(tc.data, "train", cfg.channels, (cfg.height, cfg.width))
@@ -253,6 +252,10 @@ def train(cfg: VAEConfig, tc: TrainConfig, full: data_mod.Dataset | None = None)
 
     if rank == 0:  # only now that data, config and checkpoint are known to be good
         out.mkdir(parents=True, exist_ok=True)
+        for path in replaced:
+            path.unlink(missing_ok=True)
+        if replaced:
+            log.warning("--force: replaced the run in %s", out)
     net: nn.Module = model
     if distributed:
         # DDP wraps forward(); route it to the encoder. The decoder's parameters get their
