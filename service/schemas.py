@@ -103,7 +103,9 @@ class RequestBody(BaseModel):
             accepted = [field.alias or name for name, field in cls.model_fields.items()]
             unknown = [key for key in data if key not in accepted]
             if unknown:
-                named = ", ".join(repr(key[:MAX_KEY_SHOWN]) for key in unknown[:MAX_KEYS_SHOWN])
+                named = ", ".join(
+                    repr(str(key)[:MAX_KEY_SHOWN]) for key in unknown[:MAX_KEYS_SHOWN]
+                )
                 extra = len(unknown) - MAX_KEYS_SHOWN
                 more = f" and {extra} more" if extra > 0 else ""
                 raise PydanticCustomError(
