@@ -1,5 +1,3 @@
-# syntax=docker/dockerfile:1
-#
 # Images of the VAE server. Targets:
 #   runtime (the default: last stage)  CPU server: onnxruntime, no torch, no compiler, non-root
 #   gpu                                the same server on CUDA: onnxruntime-gpu, VAE_DEVICE=cuda
@@ -8,10 +6,20 @@
 #   docker build -t vae-server .
 #   docker build --target gpu -t vae-server:gpu .
 #   docker build --target train -t vae-server:train .
+#   docker build --target train --build-arg TORCH_INDEX_URL=https://mirror.example/whl/cpu \
+#       -t vae-server:train .
+#   podman build --format docker -t vae-server .       # likewise buildah build --format docker
 #
-# The serving install is .ci/install-serving.sh, which tests/test_container_recipe.py also runs
-# into a fresh venv and serves from, so the recipe is tested without a Docker engine.
-# Every image bakes the default bundle (package data: service/bundles/mnist) into /models/mnist; /models is a volume for other bundles
+# podman and buildah write OCI images by default, which have no HEALTHCHECK: build with
+# `--format docker` to keep it. There is no `# syntax=` line: nothing here needs a newer Dockerfile
+# frontend than the builder's own, and the line makes BuildKit fetch a frontend image even offline.
+#
+# Dependencies come from the lock files in requirements/, hashes checked (requirements/lock.sh
+# writes them). The serving install is .ci/install-serving.sh, which tests/test_container_recipe.py
+# also runs into a fresh venv and serves from; .ci/container builds the runtime and train targets
+# with podman and checks the running server.
+# Every image bakes the default bundle (package data: service/bundles/mnist) into /models/mnist;
+# /models is a volume for other bundles
 # (Docker fills a new named volume from the image, so /models/mnist is there too).
 
 # ---------------------------------------------------------------------------------------------
@@ -33,6 +41,7 @@ FROM base AS build
 
 WORKDIR /src
 COPY .ci/install-serving.sh .ci/
+COPY requirements/serving.txt requirements/
 COPY pyproject.toml README.md ./
 COPY model/ model/
 COPY service/ service/
@@ -41,25 +50,30 @@ RUN bash .ci/install-serving.sh /opt/venv
 # ---------------------------------------------------------------------------------------------
 FROM base AS train
 
-# torch's Linux wheels on PyPI bundle CUDA (gigabytes); the CPU build lives on PyTorch's own
-# index, so it is installed from there first, pinned like pyproject's train extra (a test keeps
-# the two equal), then the rest of the train extra comes from PyPI with torch already satisfied.
-ARG TORCH_VERSION=2.13.0
+# The lock pins torch's CPU build (torch==X+cpu): PyPI's Linux torch bundles CUDA (gigabytes), the
+# CPU build is on PyTorch's own index, or on a mirror of it given as TORCH_INDEX_URL. Only torch
+# is there; everything else comes from the default index, every file checked against the lock.
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 WORKDIR /src
+COPY requirements/train.txt requirements/
+# The dependencies first, in a layer of their own: a change to the source alone reuses it.
+RUN python -m venv /opt/venv \
+    && /opt/venv/bin/pip install --require-hashes --extra-index-url "$TORCH_INDEX_URL" \
+        -r requirements/train.txt
 COPY pyproject.toml README.md ./
 COPY model/ model/
 COPY service/ service/
-RUN python -m venv /opt/venv \
-    && /opt/venv/bin/pip install --index-url https://download.pytorch.org/whl/cpu \
-        "torch==${TORCH_VERSION}" \
-    && /opt/venv/bin/pip install ".[train]"
+# pip builds in the source tree (build/, *.egg-info): the tree goes in the same layer.
+WORKDIR /
+RUN /opt/venv/bin/pip install --no-deps /src \
+    && /opt/venv/bin/pip check \
+    && rm -rf /src
 COPY service/bundles/mnist/ /models/mnist/
 
 ENV PATH=/opt/venv/bin:$PATH \
     MPLBACKEND=Agg
 VOLUME ["/models", "/runs", "/data"]
 # `vae train --data mnist` downloads into ./data and writes runs/ by default: /data and /runs here.
-WORKDIR /
 USER 10001:10001
 ENTRYPOINT ["vae"]
 CMD ["train", "--help"]
@@ -90,6 +104,7 @@ FROM gpu-base AS gpu-build
 ARG ORT_GPU_VERSION=1.31.1
 WORKDIR /src
 COPY .ci/install-serving.sh .ci/
+COPY requirements/serving.txt requirements/
 COPY pyproject.toml README.md ./
 COPY model/ model/
 COPY service/ service/
