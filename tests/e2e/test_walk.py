@@ -32,7 +32,7 @@ from PIL import Image
 from tests.conftest import colour_folder
 from tests.e2e.test_server import REPO, free_port, stop, wait_ready
 
-SOURCES = ("pyproject.toml", "README.md", "model", "service")
+SOURCES = ("pyproject.toml", "README.md", "model", "service", "requirements")
 SCORE = """
 import json, sys
 import numpy as np
