@@ -13,6 +13,7 @@ import numpy as np
 import onnxruntime as ort
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from service.memory import trim
 from service.settings import Device
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,13 @@ class ImageShape(BaseModel):
     channels: Literal[1, 3]
     height: int = Field(ge=1, le=4096)
     width: int = Field(ge=1, le=4096)
+    background: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=1.0,
+        description="grey level of the training images' background (MNIST: 0, black); "
+        "transparent pixels of an upload are composited onto it",
+    )
 
 
 class FileEntry(BaseModel):
@@ -257,6 +265,17 @@ class Bundle:
             for i in range(0, len(z), MAX_DECODE_ROWS)
         ]
         return np.concatenate(chunks).astype(np.float32, copy=False)
+
+    def release_memory(self) -> None:
+        """Give back what large calls left in onnxruntime's arenas (which otherwise keep their
+        peak for good), then trim the C heaps: one one-row call per network that shrinks its
+        arena, freeing every region no call is using."""
+        options = ort.RunOptions()
+        options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+        c, h, w = self.manifest.input_shape
+        (mu,) = self.encoder.run(["mu"], {"x": np.zeros((1, c, h, w), np.float32)}, options)
+        self.decoder.run([self.manifest.decoder_output], {"z": mu}, options)
+        trim()
 
     def warm_up(self) -> None:
         """Run each network once so the first request does not pay for lazy initialisation."""

@@ -22,6 +22,13 @@ MODEL_COMMANDS = {
     "evaluate": "evaluate a checkpoint or bundle on test data",
 }
 LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
+# uvicorn's connection options, set on purpose (docs/DEPLOY.md): the httptools protocol with head
+# size and read timeouts (service/connections.py); idle keep-alive connections closed after 5 s;
+# past 1000 connections or requests in progress a 503, below the usual 1024 open-files limit at
+# which accepting would fail instead
+HTTP_PROTOCOL = "service.connections:GuardedHttpToolsProtocol"
+KEEP_ALIVE_S = 5
+MAX_CONNECTIONS = 1000
 SERVE_ENV = {"bundle": "VAE_BUNDLE", "device": "VAE_DEVICE", "log_level": "VAE_LOG_LEVEL"}
 
 
@@ -152,6 +159,9 @@ def serve(args: argparse.Namespace) -> int:
         workers=args.workers,
         log_level=settings.log_level,
         timeout_graceful_shutdown=settings.shutdown_timeout_s or None,
+        http=HTTP_PROTOCOL,
+        timeout_keep_alive=KEEP_ALIVE_S,
+        limit_concurrency=MAX_CONNECTIONS,
     )
     return 0
 

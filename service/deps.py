@@ -1,5 +1,6 @@
 """Dependencies shared by the routes: settings, the loaded model, authentication and inputs."""
 
+import copy
 import hmac
 import json
 from collections.abc import Sequence
@@ -10,14 +11,16 @@ import numpy as np
 from fastapi import Depends, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
+from python_multipart.multipart import parse_options_header
 from starlette.datastructures import UploadFile
 
 from service.imaging import (
     NPY_MEDIA,
+    SMALL_BYTES,
     ImageError,
     convert_channels,
     decode_image,
-    is_small_image,
+    plan_uploads,
     read_npy,
     resize,
 )
@@ -147,7 +150,20 @@ async def read_json(request: Request) -> Any:
 Upload = tuple[str, bytes]  # (" ('name.png')" or "" for messages, encoded bytes)
 
 
+def _check_complete(body: bytes, content_type: str) -> None:
+    """400 for a multipart body without its closing delimiter: it was cut short, and the parser
+    would silently drop the part it was in (no part can contain the boundary)."""
+    boundary = parse_options_header(content_type)[1].get(b"boundary")
+    if boundary and b"--" + boundary + b"--" not in body:
+        raise HTTPException(
+            status_code=400,
+            detail=f"the multipart body is truncated or malformed: its {len(body)} bytes do not "
+            f"end with the closing boundary '--{boundary.decode('latin-1')}--'",
+        )
+
+
 async def _multipart_uploads(request: Request) -> list[Upload]:
+    _check_complete(await request.body(), request.headers.get("content-type", ""))
     uploads: list[Upload] = []
     async with request.form(max_files=MULTIPART_MAX_PARTS, max_fields=MULTIPART_MAX_PARTS) as form:
         for name, value in form.multi_items():
@@ -161,13 +177,31 @@ async def _multipart_uploads(request: Request) -> list[Upload]:
     return uploads
 
 
-def _decode_uploads(uploads: list[Upload], shape: tuple[int, int, int], settings: Settings) -> F32:
+def _plan(uploads: list[Upload], settings: Settings) -> bool:
+    """`plan_uploads`: 413 when the uploads declare too many pixels; whether they are small."""
+    try:
+        return plan_uploads(
+            [(f"image {i}{what}", data) for i, (what, data) in enumerate(uploads)],
+            settings.max_pixels,
+        )
+    except ImageError as exc:
+        raise HTTPException(status_code=413, detail=str(exc)) from None
+
+
+def _decode_uploads(
+    uploads: list[Upload], shape: tuple[int, int, int], settings: Settings, background: float
+) -> F32:
+    _plan(uploads, settings)  # nothing is decoded before the pixels declared in all are checked
     images = []
     for i, (what, data) in enumerate(uploads):
         try:
             images.append(
                 decode_image(
-                    data, shape, max_pixels=settings.max_pixels, strict=settings.strict_size
+                    data,
+                    shape,
+                    max_pixels=settings.max_pixels,
+                    strict=settings.strict_size,
+                    background=background,
                 )
             )
         except ImageError as exc:
@@ -244,8 +278,13 @@ async def _read_batch(request: Request, settings: Settings, model: Model) -> F32
     else:
         raise unsupported_media(kind, IMAGE_MEDIA)
     _check_count(len(uploads), settings, "images")
-    small = all(is_small_image(data) for _, data in uploads)  # else not on the event loop
-    return await model.call(len(uploads), _decode_uploads, uploads, shape, settings, small=small)
+    # a few kilobytes: their headers are read here, and if they declare few pixels they are
+    # decoded here too; else both happen in a worker thread (a TIFF's header alone can take ms)
+    small = sum(len(data) for _, data in uploads) <= SMALL_BYTES and _plan(uploads, settings)
+    background = model.manifest.image.background
+    return await model.call(
+        len(uploads), _decode_uploads, uploads, shape, settings, background, small=small
+    )
 
 
 @dataclass(frozen=True)
@@ -303,11 +342,13 @@ IMAGES_OPENAPI: dict[str, Any] = {
                     "properties": {
                         "images": {
                             "type": "array",
-                            "items": {"type": "string", "format": "binary"},
+                            "items": {"type": "string", "format": "binary", "minLength": 1},
                             "description": "one or more image files (PNG, JPEG, BMP, WebP, ...)",
                         }
                     },
                     "required": ["images"],
+                    # files under any other field name are images too
+                    "additionalProperties": {"type": "string", "format": "binary", "minLength": 1},
                 }
             },
             "application/json": {
@@ -327,3 +368,24 @@ IMAGES_OPENAPI: dict[str, Any] = {
         },
     }
 }
+
+
+def images_openapi(count: int) -> dict[str, Any]:
+    """IMAGES_OPENAPI for an endpoint that takes exactly `count` images."""
+    extra = copy.deepcopy(IMAGES_OPENAPI)
+    content = extra["requestBody"]["content"]
+    content["multipart/form-data"]["schema"]["properties"]["images"].update(
+        minItems=count, maxItems=count
+    )
+    del content["image/*"]  # one raw image is never enough
+    body = content["application/json"]
+    for name in ("images", "pixels"):
+        body["schema"]["properties"][name].update(minItems=count, maxItems=count)
+    body["schema"]["examples"] = [
+        {name: values * count}
+        for example in body["schema"]["examples"]
+        for name, values in example.items()
+    ]
+    for example in body["examples"].values():
+        example["value"] = {name: values * count for name, values in example["value"].items()}
+    return extra

@@ -12,7 +12,9 @@ from PIL import Image, UnidentifiedImageError
 F32 = np.ndarray[Any, np.dtype[np.float32]]
 
 # Formats decoded in-process by Pillow alone; EPS and friends would shell out, so they are refused.
-FORMATS = ("PNG", "JPEG", "BMP", "WEBP", "GIF", "TIFF", "PPM", "TGA", "ICO")
+# Each declares its pixel count in a header that bounds what decoding produces (ICO does not: its
+# directory can name 16x16 and hold a PNG of millions of pixels, so it is not taken).
+FORMATS = ("PNG", "JPEG", "BMP", "WEBP", "GIF", "TIFF", "PPM", "TGA")
 RESAMPLE = Image.Resampling.LANCZOS
 # ITU-R 601-2 luma, the weights Pillow uses for RGB -> L, so arrays and uploads convert alike.
 LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
@@ -31,11 +33,20 @@ def _open(data: bytes) -> Image.Image:
     return Image.open(io.BytesIO(data), formats=FORMATS)
 
 
-def decode_image(data: bytes, shape: tuple[int, int, int], *, max_pixels: int, strict: bool) -> F32:
+def decode_image(
+    data: bytes,
+    shape: tuple[int, int, int],
+    *,
+    max_pixels: int,
+    strict: bool,
+    background: float = 0.0,
+) -> F32:
     """Encoded image bytes -> float32 `(C, H, W)` in [0, 1] at the model's size.
 
     The pixel count is checked from the header before any pixel is decoded, so a small file that
-    would inflate to gigabytes (a decompression bomb) is refused cheaply.
+    would inflate to gigabytes (a decompression bomb) is refused cheaply. Transparent pixels are
+    composited onto `background`, the grey level of the training images' background (the
+    manifest's `image.background`; 0, black, for MNIST).
     """
     c, h, w = shape
     if not data:
@@ -57,26 +68,43 @@ def decode_image(data: bytes, shape: tuple[int, int, int], *, max_pixels: int, s
     except Exception as exc:  # Pillow plugins raise assorted errors on malformed headers
         raise _undecodable(exc) from None
     width, height = image.size
-    if width * height > max_pixels:
-        raise ImageError(
-            f"is {width}x{height} = {width * height} pixels, over the limit of {max_pixels} "
-            "(VAE_MAX_PIXELS)",
-            413,
-        )
+    check_pixels(width * height, max_pixels, f"is {width}x{height} =")
     _check_strict(width, height, shape, strict)
     try:
         image.draft("L" if c == 1 else "RGB", (w, h))  # JPEG: decode at a reduced scale
         image.load()
-        array = _to_array(image, c)
     except Exception as exc:  # truncated or corrupt data surfaces as many exception types
         raise _undecodable(exc) from None
-    return resize(array, h, w)
+    return resize(_to_array(image, c, background), h, w)
+
+
+def check_pixels(pixels: int, max_pixels: int, what: str) -> None:
+    """413 (as an ImageError) when `pixels` are over VAE_MAX_PIXELS; `what` starts the message."""
+    if pixels > max_pixels:
+        raise ImageError(
+            f"{what} {pixels} pixels, over the limit of {max_pixels} (VAE_MAX_PIXELS)", 413
+        )
 
 
 def _check_strict(width: int, height: int, shape: tuple[int, int, int], strict: bool) -> None:
     _, h, w = shape
     if strict and (width, height) != (w, h):
         raise ImageError(f"is {width}x{height}; the model takes {w}x{h} (VAE_STRICT_SIZE is on)")
+
+
+def declared_size(data: bytes) -> tuple[int, int]:
+    """`(width, height)` an upload declares in its header, read before any pixel is decoded, for
+    every format accepted (Pillow's `Image.open` parses only the header); (0, 0) when the bytes
+    are no image in such a format, or one over Pillow's own bound (decoding then fails at once,
+    naming why)."""
+    size = _png_size(data)
+    if size is not None:
+        return size
+    try:
+        with _open(data) as image:
+            return image.size
+    except Exception:  # not an image, a malformed header, a bomb: assorted exception types
+        return 0, 0
 
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -93,13 +121,20 @@ def _png_size(data: bytes) -> tuple[int, int] | None:
     return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
 
 
-def is_small_image(data: bytes) -> bool:
-    """Whether an upload is cheap to decode: few bytes, and a PNG (which can hold millions of
-    pixels in a few kilobytes) declaring few pixels."""
-    if len(data) > SMALL_BYTES:
-        return False
-    size = _png_size(data)
-    return size is None or size[0] * size[1] <= SMALL_PIXELS
+def plan_uploads(uploads: list[tuple[str, bytes]], max_pixels: int) -> bool:
+    """Check what a request's uploads (`(label, bytes)`) declare before any is decoded: 413 (an
+    ImageError) when one, or all of them together, are over VAE_MAX_PIXELS, which bounds a
+    request's decoding work. Returns whether each is small (few bytes declaring few pixels; a
+    PNG, WebP, GIF or TIFF can declare millions of pixels in a few hundred bytes), i.e. cheap
+    enough to decode on the event loop."""
+    small, total = True, 0
+    for label, data in uploads:
+        width, height = declared_size(data)
+        check_pixels(width * height, max_pixels, f"{label} is {width}x{height} =")
+        total += width * height
+        small = small and len(data) <= SMALL_BYTES and width * height <= SMALL_PIXELS
+    check_pixels(total, max_pixels, f"the request's {len(uploads)} images declare")
+    return small
 
 
 def _plain_png(data: bytes, channels: int, max_pixels: int) -> np.ndarray[Any, Any] | None:
@@ -181,16 +216,11 @@ def read_npy(data: bytes, *, max_images: int, max_pixels: int) -> F32:
             f"has shape {shape}; send (H, W), (B, H, W) or (B, C, H, W) with C = 1 or 3"
         )
     b, _, h, w = shape
-    if b == 0 or h == 0 or w == 0:
-        raise ImageError(f"has shape {shape}: no pixels")
+    if min(shape) <= 0:
+        raise ImageError(f"has shape {shape}: no pixels (every dimension must be positive)")
     if b > max_images:
         raise ImageError(f"holds {b} images, over the limit of {max_images} (VAE_MAX_IMAGES)")
-    if h * w > max_pixels:
-        raise ImageError(
-            f"has {w}x{h} = {w * h} pixels per image, over the limit of {max_pixels} "
-            "(VAE_MAX_PIXELS)",
-            413,
-        )
+    check_pixels(b * h * w, max_pixels, f"holds {b} images of {w}x{h} =")
     count = math.prod(shape)
     body = data[offset:]
     if len(body) != count * dtype.itemsize:
@@ -219,13 +249,33 @@ def _undecodable(exc: Exception) -> ImageError:
     return ImageError(f"could not be decoded, truncated or corrupt? ({type(exc).__name__}: {exc})")
 
 
-def _to_array(image: Image.Image, channels: int) -> F32:
-    """A decoded Pillow image -> float32 `(C, H, W)` in [0, 1] with the model's channels."""
+def _to_array(image: Image.Image, channels: int, background: float) -> F32:
+    """A decoded Pillow image -> float32 `(C, H, W)` in [0, 1] with the model's channels.
+
+    Integer images scale by their full range (255, or 65535 for 16-bit); float images ("F", as
+    in a float TIFF) must already hold values in [0, 1]: anything else is refused rather than
+    clipped, since no scale can be guessed. Transparency is composited onto `background`.
+    """
     if image.mode in HIGH_BIT_MODES:
         # 16-bit grey (and float) keep their precision instead of Pillow's 8-bit clipping
         scale = 1.0 if image.mode == "F" else 65535.0
-        grey = np.clip(np.asarray(image, dtype=np.float32) / scale, 0.0, 1.0)
-        return np.repeat(grey[None], channels, axis=0)
+        grey = np.asarray(image, dtype=np.float32)
+        with np.errstate(invalid="ignore"):
+            low, high = float(grey.min()), float(grey.max())
+        if not (np.isfinite(grey).all() and low >= 0.0 and high <= scale):
+            kind = "float images" if image.mode == "F" else f"{image.mode} images"
+            raise ImageError(
+                f"is a {image.mode} image with values in [{low:.4g}, {high:.4g}]; {kind} must "
+                f"hold values in [0, {scale:g}] (convert a 0-255 float image to 8-bit, or "
+                "divide it by 255)"
+            )
+        return np.repeat((grey / np.float32(scale))[None], channels, axis=0)
+    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in image.info:
+        rgba = np.asarray(image.convert("RGBA"), dtype=np.float32) / np.float32(255.0)
+        alpha = rgba[..., 3:]
+        rgb = rgba[..., :3] * alpha + np.float32(background) * (1.0 - alpha)  # "over" onto it
+        array = np.moveaxis(rgb, -1, 0)
+        return convert_channels(array.astype(np.float32), channels)
     converted = image.convert("L" if channels == 1 else "RGB")
     array = np.asarray(converted, dtype=np.float32) / 255.0
     return array[None] if channels == 1 else np.moveaxis(array, -1, 0)

@@ -23,6 +23,7 @@ from starlette.concurrency import run_in_threadpool
 from service import objective
 from service.batching import Batcher, Gatherer, RowFunction
 from service.bundle import MAX_DECODE_ROWS, Bundle, ScoreName
+from service.memory import RELEASE_ROWS
 from service.metrics import Metrics
 from service.settings import Settings
 
@@ -217,6 +218,8 @@ class Model:
             return await run_in_threadpool(fn, *args)
         finally:
             self._offloaded -= 1
+            if rows >= RELEASE_ROWS:  # a large request's memory goes back, after its answer
+                asyncio.get_running_loop().run_in_executor(None, self.bundle.release_memory)
 
     async def call(self, rows: int, fn: Callable[..., T], *args: Any, small: bool = True) -> T:
         """`fn(*args)`, work of `rows` rows that needs no network (decoding uploads): here on the

@@ -19,16 +19,19 @@ from typing import Any
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from fastapi_offline import FastAPIOffline
 from starlette.concurrency import run_in_threadpool
 from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import __version__
 from service.batching import QueueFull
 from service.bundle import BundleError
+from service.memory import limit_arenas
 from service.metrics import Metrics, MetricsMiddleware
+from service.openapi import document
 from service.reload import install_sighup, load_model, publish, remove_sighup
 from service.routes import admin, decode, elbo, encode, health, model, reconstruct, sample
 from service.routes.demo import router as demo_router
@@ -45,10 +48,15 @@ the bundle's calibration to flag anomalies. Image endpoints take multipart files
 files or pixel arrays in [0, 1]) or a raw image body; options go in the query string.
 """
 MAX_ECHOED_INPUT = 200  # characters of a rejected value echoed back in a 422
+# JSON is parsed holding the GIL, about 40 ms a megabyte of numbers on this project's 2 cores, so a
+# larger body would stall every other request; 1 MiB holds 64 MNIST images as pixel arrays, and
+# large inputs have faster ways in (files, a raw image, .npy)
+MAX_JSON_BYTES = 1 << 20
 
 
 class BodyLimitMiddleware:
-    """413 for request bodies over `max_bytes`, by Content-Length up front or while streaming.
+    """413 for request bodies over `max_bytes` (JSON: MAX_JSON_BYTES), by Content-Length up front
+    or while streaming.
 
     Starlette ships a limiter too, but its 413 does not name the limit or the setting.
     """
@@ -57,18 +65,25 @@ class BodyLimitMiddleware:
         self.app = app
         self.max_bytes = max_bytes
 
-    def _detail(self, size: str) -> str:
-        return (
-            f"request body {size} over the limit of {self.max_bytes} bytes (VAE_MAX_UPLOAD_BYTES)"
-        )
+    def _detail(self, size: str, limit: int) -> str:
+        if limit < self.max_bytes:
+            return (
+                f"JSON request body {size} over the limit of {limit} bytes for JSON; send "
+                "large inputs as files (multipart), a raw image or an application/x-npy body"
+            )
+        return f"request body {size} over the limit of {limit} bytes (VAE_MAX_UPLOAD_BYTES)"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            detail = self._detail(f"is {int(length)} bytes,")
+        headers = dict(scope["headers"])
+        kind = headers.get(b"content-type", b"").partition(b";")[0].strip().lower()
+        is_json = kind == b"application/json" or kind.endswith(b"+json")
+        limit = min(self.max_bytes, MAX_JSON_BYTES) if is_json else self.max_bytes
+        length = headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            detail = self._detail(f"is {int(length)} bytes,", limit)
             response = JSONResponse({"detail": detail}, status_code=413)
             await response(scope, receive, send)
             return
@@ -79,12 +94,32 @@ class BodyLimitMiddleware:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_bytes:
+                if received > limit:
                     # raised inside the route's body read: the app's handler renders the 413
-                    raise HTTPException(status_code=413, detail=self._detail("is"))
+                    raise HTTPException(status_code=413, detail=self._detail("is", limit))
             return message
 
         await self.app(scope, limited_receive, send)
+
+
+class HeadMiddleware:
+    """HEAD on any GET route: answered as the GET without its body (RFC 9110 9.3.2), so the
+    routes and the OpenAPI document name GET alone."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            await self.app(scope, receive, send)
+            return
+
+        async def headers_only(message: Message) -> None:
+            if message["type"] == "http.response.body":
+                message = {**message, "body": b""}
+            await send(message)
+
+        await self.app({**scope, "method": "GET"}, receive, headers_only)
 
 
 def _json_safe(value: Any) -> bool:
@@ -109,6 +144,13 @@ async def validation_error_handler(request: Request, exc: Exception) -> JSONResp
             }
         errors.append(error)
     return JSONResponse({"detail": jsonable_encoder(errors)}, status_code=422)
+
+
+async def disconnect_handler(request: Request, exc: Exception) -> Response:
+    """A client that hung up before its request was read: one log line, not a traceback."""
+    peer = f"{request.client.host}:{request.client.port}" if request.client else "a client"
+    log.info("%s disconnected before sending all of %s %s", peer, request.method, request.url.path)
+    return Response(status_code=499)  # nginx's "client closed request", for the metrics only
 
 
 async def busy_handler(request: Request, exc: Exception) -> JSONResponse:
@@ -166,6 +208,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        limit_arenas()  # before the worker threads that load and serve allocate
         try:
             app.state.model = await load_model(settings.bundle, settings, metrics)
         except BundleError as exc:
@@ -178,11 +221,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         metrics.ready.set(1)
         restore_signals = drain_first(app, settings.shutdown_delay_s)
         sighup = install_sighup(app)
+        watch = asyncio.create_task(metrics.watch_event_loop())
         manifest = app.state.model.manifest
         log.info("ready: serving %s %s", manifest.name, manifest.version)
         try:
             yield
         finally:  # uvicorn has stopped accepting and drained in-flight requests by now
+            watch.cancel()
             app.state.draining = True
             metrics.ready.set(0)
             if sighup:
@@ -213,12 +258,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(v2_router)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     app.add_exception_handler(QueueFull, busy_handler)
+    app.add_exception_handler(ClientDisconnect, disconnect_handler)
     default_openapi = app.openapi
 
     def openapi() -> dict[str, Any]:
         """FastAPI's schema, with the /decode example sized to the loaded model's latent_dim."""
-        schema = default_openapi()
-        if app.state.model is not None:
+        model = app.state.model
+        latent_dim = model.manifest.latent_dim if model is not None else None
+        schema = document(app, default_openapi(), settings, latent_dim)
+        if model is not None:
             d = app.state.model.manifest.latent_dim
             example = {"z": [[0.0] * d, [(-1.0) ** i for i in range(d)]]}
             schema["components"]["schemas"]["DecodeRequest"]["examples"] = [example]
@@ -226,6 +274,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app.openapi = openapi  # type: ignore[method-assign]
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes)
+    app.add_middleware(HeadMiddleware)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,

@@ -1,5 +1,6 @@
 """Prometheus metrics, one registry per app so that apps (and tests) never share counters."""
 
+import asyncio
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -11,6 +12,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096, 16384, 65536)
 QUEUE_BUCKETS = (0.0001, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# how often the event loop's lag is sampled: often enough to see a 100 ms stall several times
+LAG_INTERVAL_S = 0.025
 UNMATCHED = "<unmatched>"
 
 
@@ -69,6 +73,14 @@ class Metrics:
         self.ready = Gauge(
             "vae_ready", "1 when the bundle is loaded and warmed up.", registry=self.registry
         )
+        self.loop_lag = Histogram(
+            "vae_event_loop_lag_seconds",
+            f"How late the event loop woke from a {LAG_INTERVAL_S * 1000:g} ms sleep: how long "
+            "it was held (by parsing, decoding or computing on it), so how long any request "
+            "waited to be served.",
+            buckets=LAG_BUCKETS,
+            registry=self.registry,
+        )
         self.bundle_info = Gauge(
             "vae_bundle_info",
             "The loaded bundle (value 1).",
@@ -85,6 +97,14 @@ class Metrics:
             yield
         finally:
             self.inference.labels(network).observe(time.perf_counter() - start)
+
+    async def watch_event_loop(self) -> None:
+        """Observe the event loop's lag into `loop_lag` until cancelled."""
+        loop = asyncio.get_running_loop()
+        while True:
+            start = loop.time()
+            await asyncio.sleep(LAG_INTERVAL_S)
+            self.loop_lag.observe(max(0.0, loop.time() - start - LAG_INTERVAL_S))
 
 
 class MetricsMiddleware:

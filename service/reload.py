@@ -24,22 +24,81 @@ from starlette.concurrency import run_in_threadpool
 
 from service.bundle import BundleError, load_bundle
 from service.inference import BatchPolicy, Model, compute_slots
+from service.memory import trim
 from service.metrics import Metrics
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
+
+# seconds after a reload for the requests that started on the replaced model to have finished
+LATE_TRIM_S = 10.0
 
 
 class ReloadInProgress(RuntimeError):
     """Another reload has not finished yet."""
 
 
+class BundleNotFound(LookupError):
+    """No bundle of that name under the models root."""
+
+
+def resolve_bundle(root: Path, name: str) -> Path:
+    """The bundle directory `name` under the models root `root` (absolute, symlinks resolved);
+    BundleNotFound when there is none, ValueError naming the problem for a name that leaves the
+    root or names something else than a directory.
+
+    Names are relative to the root, so a client cannot point the server at any other path, and
+    the server's own layout never appears in an answer (see `public_path`).
+    """
+    relative = Path(name)
+    if relative.is_absolute() or ".." in relative.parts:
+        raise ValueError(
+            f"{name!r} must be a bundle name relative to the models root (VAE_MODELS_ROOT), "
+            "with no '..'"
+        )
+    try:
+        path = (root / relative).resolve(strict=True)
+        is_dir = path.is_dir()
+    except (OSError, RuntimeError, ValueError) as exc:  # missing, too long, a loop, NUL, no access
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+        raise BundleNotFound(f"no bundle {name!r} under the models root ({reason})") from None
+    if not path.is_relative_to(root):
+        raise ValueError(f"{name!r} leads out of the models root (VAE_MODELS_ROOT)")
+    if not is_dir:
+        raise ValueError(f"{name!r} is not a directory under the models root")
+    return path
+
+
+def public_path(path: Path, root: Path) -> str:
+    """How a client sees a bundle path: relative to the models root, else its name alone."""
+    absolute = path.absolute()
+    return str(absolute.relative_to(root)) if absolute.is_relative_to(root) else path.name
+
+
+def public_message(message: str, root: Path) -> str:
+    """`message` (naming files under the models root) with the root's absolute path left out."""
+    return message.replace(f"{root}/", "")
+
+
+@dataclass(frozen=True)
+class Version:
+    """Which bundle a model serves; holds no model, so that a replaced one can be freed."""
+
+    name: str
+    version: str
+    path: Path
+
+    @classmethod
+    def of(cls, model: Model) -> Version:
+        return cls(model.manifest.name, model.manifest.version, model.bundle.path)
+
+
 @dataclass(frozen=True)
 class Swap:
     """What a reload replaced."""
 
-    previous: Model | None
-    current: Model
+    previous: Version | None
+    current: Version
     seconds: float
 
 
@@ -89,8 +148,18 @@ async def reload_model(app: FastAPI, path: Path | None = None) -> Swap:
         app.state.model = current  # the swap: new requests resolve the new model from here on
         publish(metrics, previous, current)
         metrics.reloads.labels("swapped").inc()
+        replaced = Version.of(previous) if previous is not None else None
         if previous is not None:
             await run_in_threadpool(previous.close)
+        # A Model sits in reference cycles (its batchers hold its bound methods; unbatched, it is
+        # its own `direct`): only a full collection frees it and its sessions (about 25 MB for
+        # the shipped bundle), and with VAE_GC_THRESHOLDS those are rare, so every reload kept
+        # one more. Collected here, or at the next reload if a request still holds it.
+        del previous
+        await run_in_threadpool(trim)
+        # requests still in flight keep the replaced model alive a while: once more, later
+        loop = asyncio.get_running_loop()
+        loop.call_later(LATE_TRIM_S, loop.run_in_executor, None, trim)
         seconds = time.perf_counter() - start
         log.info(
             "reloaded %s %s from %s in %.2f s (was %s)",
@@ -98,9 +167,9 @@ async def reload_model(app: FastAPI, path: Path | None = None) -> Swap:
             current.manifest.version,
             target,
             seconds,
-            f"{previous.manifest.name} {previous.manifest.version}" if previous else "nothing",
+            f"{replaced.name} {replaced.version}" if replaced else "nothing",
         )
-        return Swap(previous=previous, current=current, seconds=seconds)
+        return Swap(previous=replaced, current=Version.of(current), seconds=seconds)
 
 
 async def _reload_logged(app: FastAPI) -> None:

@@ -26,7 +26,8 @@ BLACK_28X28_PNG = (
     "RU5ErkJggg=="
 )
 F32 = np.ndarray[Any, np.dtype[np.float32]]
-FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+# strict: "0" and true are not numbers (JSON ints still are)
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False, strict=True)]
 OutputFormat = Literal["base64", "arrays", "grid"]
 Score = ScoreName
 JSON_MEDIA = "application/json"
@@ -116,18 +117,24 @@ class RequestBody(BaseModel):
         return data
 
 
+IMAGE_FIELDS = ("images", "pixels")
+
+
+def _one_of_images(schema: dict[str, Any]) -> None:
+    """The JSON schema says what the validators check: exactly one of the fields, never null."""
+    for name in IMAGE_FIELDS:
+        field = schema["properties"][name]
+        (array,) = [option for option in field.pop("anyOf") if option.get("type") == "array"]
+        field.update(array)
+        field.pop("default", None)
+    schema["oneOf"] = [{"required": [name]} for name in IMAGE_FIELDS]
+    schema["examples"] = [{"images": [BLACK_28X28_PNG]}, {"pixels": [[[0.0, 0.5], [1.0, 0.25]]]}]
+
+
 class ImagesRequest(RequestBody):
     """A JSON body of images: base64-encoded files or nested arrays of pixel values in [0, 1]."""
 
-    model_config = ConfigDict(
-        extra="forbid",
-        json_schema_extra={
-            "examples": [
-                {"images": [BLACK_28X28_PNG]},
-                {"pixels": [[[0.0, 0.5], [1.0, 0.25]]]},
-            ]
-        },
-    )
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_one_of_images)
 
     images: list[Base64Image] | None = Field(
         default=None, min_length=1, description="base64 image files (PNG, JPEG, ...), or data: URLs"
@@ -137,6 +144,13 @@ class ImagesRequest(RequestBody):
         min_length=1,
         description="per image (H, W) or (C, H, W) nested lists in [0, 1]",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_nulls(cls, data: Any) -> Any:
+        if isinstance(data, dict) and any(data.get(name, ...) is None for name in IMAGE_FIELDS):
+            raise ValueError("leave out the field you do not use instead of sending null")
+        return data
 
     @model_validator(mode="after")
     def _exactly_one(self) -> "ImagesRequest":

@@ -40,7 +40,8 @@ class Settings(BaseSettings):
     max_pixels: int = Field(
         default=4096 * 4096,
         ge=1,
-        description="width x height limit of one uploaded image (413 above)",
+        description="pixels (width x height) a request's images may declare in all, checked "
+        "from their headers before decoding (413 above)",
     )
     max_sample_n: int = Field(default=256, ge=1, le=65536, description="largest n for GET /sample")
     max_k: int = Field(
@@ -101,6 +102,11 @@ class Settings(BaseSettings):
         ge=1,
         le=1_000_000,
         description="requests waiting per network for a micro-batch; 503 + Retry-After above",
+    )
+    models_root: Path | None = Field(
+        default=None,
+        description="directory POST /admin/reload loads bundles from, by name relative to it; "
+        "default: the directory holding VAE_BUNDLE",
     )
     admin_open: bool = Field(
         default=False,
@@ -179,6 +185,11 @@ class Settings(BaseSettings):
             if name.upper().startswith(prefix)
             and name[len(prefix) :].lower() not in cls.model_fields
         )
+
+    @property
+    def models_directory(self) -> Path:
+        """VAE_MODELS_ROOT, or the directory holding VAE_BUNDLE; absolute."""
+        return (self.models_root or self.bundle.absolute().parent).resolve()
 
     @property
     def log_level_number(self) -> int:

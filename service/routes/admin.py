@@ -9,7 +9,15 @@ from pydantic import BaseModel, Field
 from service.bundle import BundleError
 from service.deps import SettingsDep, invalid, require_api_key, require_json
 from service.inference import Model
-from service.reload import ReloadInProgress, reload_model
+from service.reload import (
+    BundleNotFound,
+    ReloadInProgress,
+    Version,
+    public_message,
+    public_path,
+    reload_model,
+    resolve_bundle,
+)
 from service.schemas import RequestBody
 
 ADMIN_DISABLED = (
@@ -27,6 +35,9 @@ async def require_admin(request: Request, settings: SettingsDep) -> None:
     await require_api_key(request, settings)
 
 
+# relative: '/'-separated names of 1-255 characters, none starting with '.' (no '..')
+BUNDLE_NAME = r"^[^/.\x00][^/\x00]{0,254}(/[^/.\x00][^/\x00]{0,254})*$"
+
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)])
 
 
@@ -37,7 +48,11 @@ class ReloadRequest(RequestBody):
         default=None,
         min_length=1,
         max_length=4096,
-        description="bundle directory on the server (default: the bundle serving now)",
+        # documented, not enforced here: the route's own checks name the problem more clearly
+        json_schema_extra={"pattern": BUNDLE_NAME},
+        description="bundle directory, relative to the server's models root (VAE_MODELS_ROOT); "
+        "default: the bundle serving now",
+        examples=["mnist"],
     )
 
 
@@ -46,13 +61,11 @@ class ModelVersion(BaseModel):
 
     name: str
     version: str
-    path: str
+    path: str = Field(description="the bundle directory, relative to the models root")
 
     @classmethod
-    def of(cls, model: Model) -> "ModelVersion":
-        return cls(
-            name=model.manifest.name, version=model.manifest.version, path=str(model.bundle.path)
-        )
+    def of(cls, version: Version, root: Path) -> "ModelVersion":
+        return cls(name=version.name, version=version.version, path=public_path(version.path, root))
 
 
 class ReloadPublic(BaseModel):
@@ -74,17 +87,26 @@ async def json_if_any(request: Request) -> None:
     dependencies=[Depends(json_if_any)],
     responses={
         403: {"description": "admin disabled (no VAE_API_KEY and VAE_ADMIN_OPEN is off)"},
+        404: {"description": "no bundle of that name under the models root"},
         415: {"description": "a body that is not JSON"},
         409: {"description": "the bundle failed a check, or another reload is running"},
     },
 )
 async def reload(
-    request: Request, body: Annotated[ReloadRequest | None, Body()] = None
+    request: Request,
+    settings: SettingsDep,
+    body: Annotated[ReloadRequest | None, Body()] = None,
 ) -> ReloadPublic:
     """Load, verify and warm up a bundle, then swap it in; a bad bundle leaves the old serving."""
-    path = Path(body.bundle) if body and body.bundle else None
-    if path is not None and not path.is_dir():
-        raise invalid(("body", "bundle"), f"{path} is not a directory on the server")
+    root = settings.models_directory
+    path = None
+    if body and body.bundle:
+        try:
+            path = resolve_bundle(root, body.bundle)
+        except BundleNotFound as exc:
+            raise HTTPException(status_code=404, detail=str(exc)) from None
+        except ValueError as exc:
+            raise invalid(("body", "bundle"), str(exc)) from None
     try:
         swap = await reload_model(request.app, path)
     except ReloadInProgress as exc:
@@ -94,9 +116,10 @@ async def reload(
         still = (
             f"; still serving {serving.manifest.name} {serving.manifest.version}" if serving else ""
         )
-        raise HTTPException(status_code=409, detail=f"bundle refused: {exc}{still}") from None
+        detail = public_message(f"bundle refused: {exc}{still}", root)
+        raise HTTPException(status_code=409, detail=detail) from None
     return ReloadPublic(
-        previous=ModelVersion.of(swap.previous) if swap.previous else None,
-        current=ModelVersion.of(swap.current),
+        previous=ModelVersion.of(swap.previous, root) if swap.previous else None,
+        current=ModelVersion.of(swap.current, root),
         seconds=round(swap.seconds, 3),
     )

@@ -41,6 +41,11 @@ async def decode_mean_gathered(model: Model, z: F32, loc: tuple[str, ...], hint:
         raise invalid(loc, f"{exc}; {hint}") from None
 
 
+# |z| bound: 10^4 standard deviations of the prior N(0, I), far past any meaningful latent, and
+# well inside what the decoder computes without overflowing float32
+Z_MAX = 1e4
+
+
 def validated_z(body: DecodeRequest, model: Model, max_rows: int) -> F32:
     """The request's z as float32 `(B, D)`, with the row count and width checked."""
     d = model.manifest.latent_dim
@@ -53,8 +58,8 @@ def validated_z(body: DecodeRequest, model: Model, max_rows: int) -> F32:
             )
     with np.errstate(over="ignore"):
         z = np.asarray(body.z, dtype=np.float32)
-    if not np.isfinite(z).all():
-        raise invalid(("body", "z"), "z has values outside the float32 range")
+    if not np.abs(z).max() <= Z_MAX:  # also NaN after a float32 overflow
+        raise invalid(("body", "z"), f"z has values beyond +-{Z_MAX:g}; the prior is N(0, I)")
     return z
 
 

@@ -7,8 +7,8 @@ from fastapi import APIRouter, Query, Request, Response
 from pydantic import Field
 
 from service.deps import (
-    IMAGES_OPENAPI,
     ServedDep,
+    images_openapi,
     invalid,
     over_limit,
     read_images,
@@ -61,7 +61,7 @@ def interpolate(a: F32, b: F32, steps: int, mode: Mode) -> F32:
     "/interpolate",
     response_model=InterpolatePublic,
     responses=IMAGE_RESPONSES,
-    openapi_extra=IMAGES_OPENAPI,
+    openapi_extra=images_openapi(2),
 )
 async def interpolate_images(
     request: Request,

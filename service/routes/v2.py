@@ -11,6 +11,7 @@ Spec: https://github.com/kserve/kserve/blob/master/docs/predict-api/v2/required_
 
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
+from enum import Enum
 from math import prod
 from typing import Annotated, Any
 
@@ -81,8 +82,15 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     503: {"model": ErrorV2, "description": "the bundle is not loaded yet"},
 }
 
-router = APIRouter(prefix="/v2", tags=["open inference protocol (v2)"], route_class=V2Route)
-models = APIRouter(dependencies=[Depends(require_api_key)], responses=ERRORS, route_class=V2Route)
+TAGS: list[str | Enum] = ["open inference protocol (v2)"]
+server = APIRouter(prefix="/v2", tags=TAGS, route_class=V2Route)
+models = APIRouter(
+    prefix="/v2",
+    tags=TAGS,
+    dependencies=[Depends(require_api_key)],
+    responses=ERRORS,
+    route_class=V2Route,
+)
 
 
 def bad_request(message: str) -> HTTPException:
@@ -186,19 +194,19 @@ def model_routes(method: str, suffix: str, **kwargs: Any) -> Callable[[Any], Any
     return register
 
 
-@router.get("")
+@server.get("")
 async def server_metadata() -> ServerMetadata:
     """Server metadata: name, version and protocol extensions (none)."""
     return ServerMetadata(name=SERVER_NAME, version=__version__, extensions=[])
 
 
-@router.get("/health/live")
+@server.get("/health/live")
 async def live() -> Live:
     """The server is alive (200)."""
     return Live(live=True)
 
 
-@router.get(
+@server.get(
     "/health/ready",
     response_model=Ready,
     responses={400: {"model": Ready, "description": "not ready, or shutting down"}},
@@ -342,4 +350,8 @@ async def infer(
     return await model.offload(run, rows=rows)
 
 
+# both carry the /v2 prefix themselves: FastAPI gives a nested router's route, without its outer
+# router's prefix, to the request (scope["route"]), and the metrics label it by its path
+router = APIRouter()
+router.include_router(server)
 router.include_router(models)

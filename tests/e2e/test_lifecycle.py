@@ -65,12 +65,13 @@ def test_requests_in_flight_finish_on_the_model_they_started_with(
     tiny_bundle: Path, tiny_gaussian_bundle: Path
 ) -> None:
     body = slow_body(32)
-    with server(tiny_bundle, VAE_ADMIN_OPEN="true") as (_, client, _output):
+    root = str(tiny_gaussian_bundle.parent)
+    with server(tiny_bundle, VAE_ADMIN_OPEN="true", VAE_MODELS_ROOT=root) as (_, client, _output):
         before = client.post("/elbo", files=body, params=SLOW)
         assert before.status_code == 200
         thread, during = in_background(client.post, "/elbo", files=body, params=SLOW)
         wait_in_flight(client, "/elbo", count=2)
-        swap = client.post("/admin/reload", json={"bundle": str(tiny_gaussian_bundle)})
+        swap = client.post("/admin/reload", json={"bundle": tiny_gaussian_bundle.name})
         assert swap.status_code == 200, swap.text
         assert swap.json()["current"]["name"] == "tiny-gaussian"
         assert client.get("/model").json()["likelihood"] == "gaussian"

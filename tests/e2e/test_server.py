@@ -109,7 +109,7 @@ def test_operations(server: httpx.Client, bundle: Path) -> None:
     assert server.get("/healthz").json() == {"status": "ok"}
     assert server.get("/readyz").json() == {"status": "ready"}
     model = server.get("/model").json()
-    assert model["image"] == {"channels": 1, "height": 28, "width": 28}
+    assert model["image"] == {"channels": 1, "height": 28, "width": 28, "background": 0.0}
     assert model["calibration"]["scores"]["neg_elbo"]["values"]
     docs = server.get("/docs")
     assert docs.status_code == 200

@@ -71,8 +71,14 @@ IMAGE_CASES = [
         "pixel-bomb",
         {"files": files(png_header_only(20_000, 20_000))},
         413,
-        "image 0 ('0.png') is a likely decompression bomb, over the limit of 100000 "
+        "image 0 ('0.png') is 20000x20000 = 400000000 pixels, over the limit of 100000 "
         "(VAE_MAX_PIXELS)",
+    ),
+    (
+        "over-pixel-limit-in-all",  # each within the limit, together over it: decoding is bounded
+        {"files": files(*[png_header_only(200, 200)] * 3)},
+        413,
+        "the request's 3 images declare 120000 pixels, over the limit of 100000 (VAE_MAX_PIXELS)",
     ),
     (
         "over-pixel-limit",
@@ -234,7 +240,13 @@ DECODE_CASES = [
         "float32-overflow",
         {"json": {"z": [[1e39] + [0.0] * 7]}},
         422,
-        "z has values outside the float32 range",
+        "z has values beyond +-10000; the prior is N(0, I)",
+    ),
+    (
+        "z-beyond-its-bound",  # finite in float32, but the decoder's output may not be
+        {"json": {"z": [[0.0] * 7 + [-3e4]]}},
+        422,
+        "z has values beyond +-10000; the prior is N(0, I)",
     ),
     (
         "too-many-rows",

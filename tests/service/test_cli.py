@@ -92,6 +92,9 @@ def test_serve_runs_uvicorn_with_the_factory(
     ((args, kwargs),) = calls
     assert args == ("service.main:create_app",)
     assert kwargs["factory"] is True and kwargs["port"] == 8123 and kwargs["log_level"] == "warning"
+    # the connection limits (tests/e2e/test_connections.py), set on purpose
+    assert kwargs["http"] == "service.connections:GuardedHttpToolsProtocol"
+    assert (kwargs["timeout_keep_alive"], kwargs["limit_concurrency"]) == (5, 1000)
     assert os.environ["VAE_BUNDLE"] == str(tiny_bundle)  # so that every worker sees it
 
 

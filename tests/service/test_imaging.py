@@ -206,3 +206,89 @@ def test_a_corrupt_plain_png_is_named_by_pillow(monkeypatch: pytest.MonkeyPatch)
     with pytest.raises(ImageError, match="could not be decoded") as info:
         decode(bytes(data))
     assert info.value.status == 422
+
+
+def image_file(image: Image.Image, fmt: str, **options: Any) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **options)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("fmt", imaging.FORMATS)
+def test_every_format_declares_its_size_before_decoding(fmt: str) -> None:
+    data = image_file(Image.new("RGB" if fmt == "JPEG" else "L", (40, 30)), fmt)
+    assert imaging.declared_size(data) == (40, 30)
+
+
+@pytest.mark.parametrize("data", [b"", b"not an image", b"\x89PNG\r\n\x1a\n"])
+def test_no_image_declares_no_size(data: bytes) -> None:
+    assert imaging.declared_size(data) == (0, 0)
+
+
+@pytest.mark.parametrize(
+    "fmt, options",
+    [
+        ("WEBP", {"lossless": True}),
+        ("GIF", {}),
+        ("TIFF", {"compression": "tiff_adobe_deflate"}),
+        ("PNG", {"optimize": True}),
+    ],
+)
+def test_small_files_declaring_many_pixels_are_planned_by_their_header(
+    fmt: str, options: dict[str, Any]
+) -> None:
+    # a few kilobytes that decode to 4 million pixels: never decoded on the event loop, and
+    # refused before decoding when over the limit, in every format
+    data = image_file(Image.new("L", (2048, 2048)), fmt, **options)
+    assert len(data) <= imaging.SMALL_BYTES
+    assert imaging.plan_uploads([("image 0", data)], max_pixels=LIMIT) is False
+    small = image_file(Image.new("L", (28, 28)), fmt, **options)
+    assert imaging.plan_uploads([("image 0", small)] * 3, max_pixels=LIMIT) is True
+    with pytest.raises(ImageError) as info:
+        imaging.plan_uploads([("image 0", small), ("image 1", data)], max_pixels=1_000_000)
+    assert str(info.value) == (
+        "image 1 is 2048x2048 = 4194304 pixels, over the limit of 1000000 (VAE_MAX_PIXELS)"
+    )
+    assert info.value.status == 413
+
+
+def test_the_pixels_of_all_uploads_are_bounded_together() -> None:
+    tile = image_file(Image.new("L", (100, 100)), "GIF")
+    assert imaging.plan_uploads([("a", tile)] * 3, max_pixels=30_000) is True
+    with pytest.raises(ImageError, match=r"^the request's 4 images declare 40000 pixels, over"):
+        imaging.plan_uploads([("a", tile)] * 4, max_pixels=30_000)
+
+
+def digit_in_alpha() -> Image.Image:
+    """A white RGBA image whose digit (the stroke) is drawn in the alpha channel alone."""
+    alpha = Image.fromarray((stroke() * 255).astype(np.uint8))
+    white = Image.new("L", (28, 28), 255)
+    return Image.merge("RGBA", (white, white, white, alpha))
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA"])
+def test_transparency_is_composited_onto_the_training_background(mode: str) -> None:
+    data = image_file(digit_in_alpha().convert(mode), "PNG")
+    np.testing.assert_allclose(decode(data)[0], stroke(), atol=1 / 255)
+    on_white = decode_image(data, GREY, max_pixels=LIMIT, strict=False, background=1.0)
+    np.testing.assert_allclose(on_white, 1.0, atol=1 / 255)  # white strokes on white
+
+
+def test_a_transparent_palette_entry_is_the_background() -> None:
+    image = Image.fromarray((stroke() * 255).astype(np.uint8)).convert("P")
+    data = image_file(image, "PNG", transparency=255)  # the stroke's colour is see-through
+    np.testing.assert_allclose(decode(data)[0], 0.0, atol=1 / 255)
+
+
+def test_float_images_outside_zero_one_are_refused_not_clipped() -> None:
+    x = stroke()
+    inside = image_file(Image.fromarray(x, mode="F"), "TIFF")
+    np.testing.assert_allclose(decode(inside)[0], x, atol=1e-6)
+    outside = image_file(Image.fromarray(x * 255.0, mode="F"), "TIFF")  # 0-255 in a float TIFF
+    with pytest.raises(ImageError) as info:
+        decode(outside)
+    assert str(info.value) == (
+        "is a F image with values in [0, 255]; float images must hold values in [0, 1] (convert "
+        "a 0-255 float image to 8-bit, or divide it by 255)"
+    )
+    assert info.value.status == 422

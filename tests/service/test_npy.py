@@ -103,6 +103,13 @@ def check(response: Any, status: int, expected: str) -> None:
         (npy(np.zeros((2, 2, 28, 28), dtype=np.uint8)), 422, "has shape (2, 2, 28, 28); send"),
         (npy(np.zeros((28,), dtype=np.uint8)), 422, "has shape (28,)"),
         (npy(np.zeros((0, 28, 28), dtype=np.uint8)), 422, "no pixels"),
+        (
+            npy(np.zeros((28, 28), dtype=np.uint8))
+            .replace(b"(28, 28)", b"(-28, -28)", 1)
+            .replace(b"  \n", b"\n", 1),  # the header keeps its length
+            422,
+            "has shape (1, 1, -28, -28): no pixels (every dimension must be positive)",
+        ),
         (npy(np.full((1, 28, 28), 1.5)), 422, "has values in [1.5, 1.5]; floats must be in [0, 1]"),
         (npy(np.full((1, 28, 28), np.nan)), 422, "not finite"),
         (npy(np.full((1, 28, 28), 1e300)), 422, "not finite"),
@@ -115,6 +122,7 @@ def check(response: Any, status: int, expected: str) -> None:
         "two-channels",
         "one-dimension",
         "empty",
+        "negative-dimensions",
         "out-of-range",
         "nan",
         "float32-overflow",

@@ -25,7 +25,7 @@ MODEL_ROUTES = [
 def test_model_describes_the_bundle(client: TestClient) -> None:
     body = client.get("/model").json()
     assert body["name"] == "tiny-bernoulli" and body["version"] == "0.0.1"
-    assert body["image"] == {"channels": 1, "height": 28, "width": 28}
+    assert body["image"] == {"channels": 1, "height": 28, "width": 28, "background": 0.0}
     assert (body["latent_dim"], body["likelihood"], body["sigma"]) == (8, "bernoulli", None)
     assert body["providers"] == ["CPUExecutionProvider"]
     assert set(body["calibration"]["scores"]) == {

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import shutil
+import weakref
 from pathlib import Path
 
 import pytest
@@ -54,16 +56,20 @@ def test_admin_open_without_a_key(make_client: MakeClient) -> None:
 def test_reload_swaps_in_a_new_version(
     make_client: MakeClient, tiny_bundle: Path, tmp_path: Path
 ) -> None:
-    newer = rewrite_manifest(tiny_bundle, tmp_path / "v2", version="0.0.2")
-    with make_client(api_key="s3cret") as client:
+    rewrite_manifest(tiny_bundle, tmp_path / "v2", version="0.0.2")
+    with make_client(api_key="s3cret", models_root=tmp_path) as client:
         before = client.post("/encode", json={"pixels": [[[0.5]]]}, headers=KEY).json()
-        response = client.post("/admin/reload", json={"bundle": str(newer)}, headers=KEY)
+        response = client.post("/admin/reload", json={"bundle": "v2"}, headers=KEY)
         assert response.status_code == 200, response.text
-        assert response.json()["previous"]["version"] == "0.0.1"
+        assert response.json()["previous"] == {
+            "name": "tiny-bernoulli",
+            "version": "0.0.1",
+            "path": tiny_bundle.name,  # outside the models root: its name alone
+        }
         assert response.json()["current"] == {
             "name": "tiny-bernoulli",
             "version": "0.0.2",
-            "path": str(newer),
+            "path": "v2",  # relative to the models root, never the server's absolute path
         }
         assert client.get("/model", headers=KEY).json()["version"] == "0.0.2"
         after = client.post("/encode", json={"pixels": [[[0.5]]]}, headers=KEY).json()
@@ -71,7 +77,7 @@ def test_reload_swaps_in_a_new_version(
         metrics = client.get("/metrics").text
         # an empty body reloads the bundle serving now, not the configured one
         again = client.post("/admin/reload", headers=KEY).json()
-    assert again["current"]["path"] == str(newer)
+    assert again["current"]["path"] == "v2"
     assert 'vae_model_reloads_total{result="swapped"} 1.0' in metrics
     assert 'version="0.0.2"' in metrics and 'version="0.0.1"' not in metrics
 
@@ -102,11 +108,12 @@ def test_a_bad_bundle_is_refused_and_the_old_keeps_serving(
     message: str,
 ) -> None:
     path = make_bundle(tiny_bundle, tmp_path)  # type: ignore[operator]
-    with make_client(admin_open=True) as client:
-        response = client.post("/admin/reload", json={"bundle": str(path)})
+    with make_client(admin_open=True, models_root=tmp_path) as client:
+        response = client.post("/admin/reload", json={"bundle": path.name})
         assert response.status_code == 409
         detail = response.json()["detail"]
-        assert detail.startswith("bundle refused: ") and message in detail
+        assert detail.startswith(f"bundle refused: {path.name}/") and message in detail
+        assert str(tmp_path) not in detail  # no absolute server path
         assert detail.endswith("; still serving tiny-bernoulli 0.0.1")
         assert client.get("/model").json()["name"] == "tiny-bernoulli"
         assert client.get("/readyz").status_code == 200
@@ -121,7 +128,31 @@ def test_a_bad_bundle_is_refused_and_the_old_keeps_serving(
             json.dumps({"bundle": "/nowhere"}),
             "application/json",
             422,
-            "/nowhere is not a directory on the server",
+            "'/nowhere' must be a bundle name relative to the models root (VAE_MODELS_ROOT)",
+        ),
+        (
+            json.dumps({"bundle": "../../etc"}),
+            "application/json",
+            422,
+            "'../../etc' must be a bundle name relative to the models root",
+        ),
+        (
+            json.dumps({"bundle": "nowhere"}),
+            "application/json",
+            404,
+            "no bundle 'nowhere' under the models root (No such file or directory)",
+        ),
+        (
+            json.dumps({"bundle": "é" * 200}),  # 400 bytes: one path component over NAME_MAX
+            "application/json",
+            404,
+            "under the models root (File name too long)",
+        ),
+        (
+            json.dumps({"bundle": "a\u0000b"}),
+            "application/json",
+            404,
+            "under the models root (ValueError)",  # an embedded NUL
         ),
         (json.dumps({"bundle": ""}), "application/json", 422, "at least 1 character"),
         (
@@ -159,3 +190,42 @@ def test_one_reload_at_a_time(tiny_bundle: Path) -> None:
     assert not isinstance(first, BaseException)
     assert isinstance(second, ReloadInProgress)
     assert str(second) == "a reload is already in progress; retry when it has finished"
+
+
+def test_reload_stays_inside_the_models_root(
+    make_client: MakeClient, tiny_bundle: Path, tmp_path: Path
+) -> None:
+    root = tmp_path / "models"
+    root.mkdir()
+    (root / "escape").symlink_to(tiny_bundle)  # a real bundle, but outside the root
+    (root / "notes.txt").write_text("not a bundle")
+    with make_client(admin_open=True, models_root=root) as client:
+        escape = client.post("/admin/reload", json={"bundle": "escape"})
+        text = client.post("/admin/reload", json={"bundle": "notes.txt"})
+    assert escape.status_code == text.status_code == 422
+    assert escape.json()["detail"][0]["msg"] == (
+        "'escape' leads out of the models root (VAE_MODELS_ROOT)"
+    )
+    assert text.json()["detail"][0]["msg"] == "'notes.txt' is not a directory under the models root"
+
+
+def test_a_replaced_model_and_its_sessions_are_freed_by_the_reload(tiny_bundle: Path) -> None:
+    # a Model sits in reference cycles, so without the reload's own collection it (and its
+    # onnxruntime sessions) lived until a rare full collection: memory grew with every reload
+    app = create_app(Settings(bundle=tiny_bundle))
+
+    async def reload_twice() -> list[bool]:
+        async with app.router.lifespan_context(app):
+            alive = []
+            for _ in range(2):
+                model = weakref.ref(app.state.model)
+                session = weakref.ref(app.state.model.bundle.encoder)
+                await reload_model(app)
+                alive += [model() is not None, session() is not None]
+            return alive
+
+    gc.disable()  # no automatic collection may stand in for the reload's
+    try:
+        assert asyncio.run(reload_twice()) == [False] * 4
+    finally:
+        gc.enable()

@@ -1,0 +1,139 @@
+"""uvicorn's HTTP protocol (httptools) with the connection limits it lacks.
+
+uvicorn bounds idle keep-alive connections (`timeout_keep_alive`) and, with h11 only, the size of
+a request's head; with httptools (the fast parser, taken by default) a request line and headers
+of any size are read whole, and a client that sends its head or body slowly, or opens a
+connection and sends nothing, is never timed out. This protocol adds, per connection:
+
+- the request line and headers at most MAX_HEAD_BYTES: 431 and the connection closed;
+- the head complete within HEAD_TIMEOUT_S of its first byte (of the connection's opening, for
+  the first request): 408 and the connection closed;
+- no pause longer than BODY_IDLE_TIMEOUT_S while a request body is still arriving: closed (the
+  request sees a disconnect).
+
+A slow client still holds one connection until these run out; VAE_* cannot bound the number of
+connections, uvicorn's `limit_concurrency` does (service/cli.py), and a front proxy should carry
+the same limits (docs/DEPLOY.md).
+"""
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+
+log = logging.getLogger(__name__)
+
+# nginx answers 431/400 past 4 x 8 KiB of headers (large_client_header_buffers); 32 KiB here
+MAX_HEAD_BYTES = 32 * 1024
+# nginx's client_header_timeout is 60 s; a head is a few hundred bytes, 10 s is ample
+HEAD_TIMEOUT_S = 10.0
+# the longest silence in the middle of a body (nginx's client_body_timeout is 60 s)
+BODY_IDLE_TIMEOUT_S = 30.0
+# after a refusal, what the client still sends is read and dropped this long before closing, so
+# that it reads the answer instead of a connection reset (nginx's lingering close)
+LINGER_S = 2.0
+HEAD_END = b"\r\n\r\n"
+
+
+class GuardedHttpToolsProtocol(HttpToolsProtocol):
+    """`HttpToolsProtocol` with a head size limit and head and body read timeouts."""
+
+    max_head_bytes = MAX_HEAD_BYTES
+    head_timeout_s = HEAD_TIMEOUT_S
+    body_idle_timeout_s = BODY_IDLE_TIMEOUT_S
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._reading_head = True
+        self._head_bytes = 0
+        self._tail = b""  # the last bytes seen, for a head end split over two reads
+        self._timer: asyncio.TimerHandle | None = None
+        self._refused = False
+        self._arm(self.head_timeout_s, self._head_timed_out)
+
+    def _arm(self, delay: float, callback: Callable[[], None]) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self.loop.call_later(delay, callback)
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused or self.transport.is_closing():
+            return  # refused: what follows is dropped
+        if self._reading_head:
+            window = self._tail + data
+            end = window.find(HEAD_END)
+            self._head_bytes += len(data) if end < 0 else end + len(HEAD_END) - len(self._tail)
+            self._tail = window[-(len(HEAD_END) - 1) :]
+            if self._head_bytes > self.max_head_bytes:
+                self._refuse(
+                    431,
+                    f"request line and headers over the limit of {self.max_head_bytes} bytes",
+                )
+                return
+            if self._timer is None:  # the first bytes of a request on a kept-alive connection
+                self._arm(self.head_timeout_s, self._head_timed_out)
+        elif self.cycle is not None and self.cycle.more_body:
+            self._arm(self.body_idle_timeout_s, self._body_timed_out)
+        super().data_received(data)
+
+    def on_headers_complete(self) -> None:
+        self._reading_head, self._head_bytes, self._tail = False, 0, b""
+        self._disarm()
+        super().on_headers_complete()
+        if self.cycle is not None and self.cycle.more_body:
+            self._arm(self.body_idle_timeout_s, self._body_timed_out)
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self._reading_head = True  # what follows is the next request's head
+        self._disarm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def _head_timed_out(self) -> None:
+        self._timer = None
+        if self._reading_head and not self._refused and not self.transport.is_closing():
+            self._refuse(408, f"request head not received within {self.head_timeout_s:g} s")
+
+    def _body_timed_out(self) -> None:
+        self._timer = None
+        if (
+            self.flow.read_paused
+        ):  # the app has not taken what arrived: the wait is not the client's
+            self._arm(self.body_idle_timeout_s, self._body_timed_out)
+        elif not self.transport.is_closing():
+            log.info(
+                "%s sent no body data for %g s; closing its connection",
+                self._peer(),
+                self.body_idle_timeout_s,
+            )
+            self.transport.close()
+
+    def _peer(self) -> str:
+        return f"{self.client[0]}:{self.client[1]}" if self.client else "a client"
+
+    def _refuse(self, status: int, message: str) -> None:
+        """Answer `status` with `message` and close, outside the app (as uvicorn's own 400)."""
+        log.info("%s: %d, %s", self._peer(), status, message)
+        body = message.encode("ascii")
+        head = [STATUS_LINE[status]]
+        for name, value in self.server_state.default_headers:
+            head += [name, b": ", value, b"\r\n"]
+        head += [
+            b"content-type: text/plain; charset=utf-8\r\n",
+            b"content-length: " + str(len(body)).encode("ascii") + b"\r\n",
+            b"connection: close\r\n\r\n",
+        ]
+        self.transport.write(b"".join(head) + body)
+        self._refused = True
+        if self.transport.can_write_eof():
+            self.transport.write_eof()  # the answer is all: the client reads it, then EOF
+        self._arm(LINGER_S, self.transport.close)

@@ -1,0 +1,141 @@
+"""Connection limits of the served HTTP protocol (service/connections.py), on a real uvicorn over
+loopback with raw sockets: head size, slow heads and bodies, silent connections, keep-alive."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import uvicorn
+
+from service.connections import GuardedHttpToolsProtocol
+from service.main import create_app
+from service.settings import Settings
+from tests.e2e.test_server import free_port
+
+TIMEOUT_S = 0.5
+
+
+class QuickProtocol(GuardedHttpToolsProtocol):
+    """The served protocol with its timeouts shortened, so the tests wait less than a second."""
+
+    head_timeout_s = TIMEOUT_S
+    body_idle_timeout_s = TIMEOUT_S
+
+
+@pytest.fixture(scope="module")
+def address(tiny_bundle: Path) -> Iterator[tuple[str, int]]:
+    port = free_port()
+    config = uvicorn.Config(
+        create_app(Settings(bundle=tiny_bundle)),
+        host="127.0.0.1",
+        port=port,
+        http=QuickProtocol,
+        log_level="warning",
+        lifespan="on",
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.05)
+    yield "127.0.0.1", port
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def exchange(address: tuple[str, int], *chunks: bytes, pause: float = 0.0) -> bytes:
+    """Send `chunks` (with `pause` between them) and read until the server closes or 5 s pass."""
+    with socket.create_connection(address, timeout=5) as sock:
+        for chunk in chunks:
+            try:
+                sock.sendall(chunk)
+            except OSError:  # the server answered and closed before all was sent
+                break
+            time.sleep(pause)
+        received = b""
+        try:
+            while data := sock.recv(65536):
+                received += data
+        except (TimeoutError, ConnectionResetError):
+            pass
+    return received
+
+
+def get(path: str, extra: bytes = b"", close: bool = True) -> bytes:
+    connection = b"Connection: close\r\n" if close else b""
+    return b"GET " + path.encode() + b" HTTP/1.1\r\nHost: x\r\n" + connection + extra + b"\r\n"
+
+
+def status(response: bytes) -> int:
+    return int(response.split(b" ", 2)[1])
+
+
+def test_a_normal_request_with_large_headers_passes(address: tuple[str, int]) -> None:
+    headers = b"".join(b"X-Pad-%d: %s\r\n" % (i, b"a" * 1000) for i in range(20))  # ~20 KB
+    assert status(exchange(address, get("/healthz", headers))) == 200
+
+
+@pytest.mark.parametrize("chunk", [1, 8192, 1 << 20], ids=["byte-by-kb", "8k-reads", "one-write"])
+def test_a_head_over_the_limit_is_431(address: tuple[str, int], chunk: int) -> None:
+    head = get("/healthz", b"X-Big: " + b"a" * 40_000 + b"\r\n")
+    pieces = [head[i : i + max(chunk, 1024)] for i in range(0, len(head), max(chunk, 1024))]
+    response = exchange(address, *pieces)
+    assert status(response) == 431
+    assert response.endswith(b"request line and headers over the limit of 32768 bytes")
+    assert status(exchange(address, get("/healthz"))) == 200  # others are served
+
+
+def test_a_huge_request_line_is_431(address: tuple[str, int]) -> None:
+    response = exchange(address, get("/healthz?" + "a" * 100_000))
+    assert status(response) == 431
+
+
+def test_a_slow_head_is_408(address: tuple[str, int]) -> None:
+    start = time.monotonic()
+    response = exchange(address, b"GET /healthz HTTP/1.1\r\n", b"X-A: 1\r\n", pause=0.3)
+    assert status(response) == 408
+    assert response.endswith(b"request head not received within 0.5 s")
+    assert time.monotonic() - start < 3
+
+
+def test_a_silent_connection_is_closed(address: tuple[str, int]) -> None:
+    start = time.monotonic()
+    assert status(exchange(address)) == 408
+    assert time.monotonic() - start < 3
+
+
+def test_a_stalled_body_closes_the_connection_in_one_log_line(
+    address: tuple[str, int], caplog: pytest.LogCaptureFixture
+) -> None:
+    head = (
+        b"POST /encode HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+        b"Content-Length: 1000\r\n\r\n--b\r\n"
+    )
+    with caplog.at_level(logging.INFO):
+        start = time.monotonic()
+        assert exchange(address, head) == b""  # closed, nothing answered
+        assert time.monotonic() - start < 3
+        time.sleep(0.2)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("sent no body data for 0.5 s; closing its connection" in m for m in messages)
+    assert any(m.endswith("disconnected before sending all of POST /encode") for m in messages)
+    assert not any(r.exc_info for r in caplog.records), messages
+
+
+def test_keep_alive_and_pipelined_requests_still_work(address: tuple[str, int]) -> None:
+    # two requests in one write, then a third after a pause shorter than the head timeout
+    response = exchange(
+        address,
+        get("/healthz", close=False) + get("/readyz", close=False),
+        get("/healthz"),
+        pause=0.2,
+    )
+    assert response.count(b"HTTP/1.1 200 OK") == 3

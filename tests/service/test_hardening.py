@@ -1,0 +1,214 @@
+"""What a client can send to stall, crash or mislead the server, in-process (tests/e2e and
+tests/stress drive a real server): body limits, strict values, disconnects, truthful OpenAPI."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from service.bundle import Bundle
+from service.main import MAX_JSON_BYTES, create_app
+from service.memory import RELEASE_ROWS
+from service.settings import Settings
+from tests.service.conftest import MakeClient
+from tests.service.helpers import encode, rewrite_manifest, stroke
+
+PNG = encode(stroke())
+
+
+def test_model_shows_no_training_machine_paths(
+    make_client: MakeClient, tiny_bundle: Path, tmp_path: Path
+) -> None:
+    bundle = rewrite_manifest(
+        tiny_bundle,
+        tmp_path / "paths",
+        data={"source": "/home/trainer/data/mnist", "train_images": 100},
+        training={"init_from": "runs/mnist-conv/checkpoint_best.pt", "epochs": 2},
+    )
+    with make_client(bundle=bundle) as client:
+        body = client.get("/model").json()
+    assert body["data"] == {"source": "mnist", "train_images": 100}
+    assert body["training"] == {"init_from": "checkpoint_best.pt", "epochs": 2}
+    assert "/home/trainer" not in json.dumps(body)
+
+
+@pytest.mark.parametrize("value", ["0", True, None, [0.0]])
+def test_decode_takes_numbers_only(client: TestClient, value: Any) -> None:
+    response = client.post("/decode", json={"z": [[value] + [0.0] * 7]})
+    assert response.status_code == 422, response.text
+    assert response.json()["detail"][0]["loc"] == ["body", "z", 0, 0]
+
+
+def test_decode_takes_json_integers(client: TestClient) -> None:
+    assert client.post("/decode", json={"z": [[0, 1] + [0.0] * 6]}).status_code == 200
+
+
+@pytest.mark.parametrize("path", ["/healthz", "/readyz"])
+def test_probes_answer_head(client: TestClient, path: str) -> None:
+    response = client.head(path)
+    assert response.status_code == 200
+    assert response.content == b""
+
+
+def test_metrics_label_v2_routes_with_their_prefix(client: TestClient) -> None:
+    assert client.get("/v2/models/tiny-bernoulli-encoder").status_code == 200
+    metrics = client.get("/metrics").text
+    assert 'endpoint="/v2/models/{model_name}",method="GET",status="200"' in metrics
+    assert 'endpoint="/models/{model_name}"' not in metrics
+
+
+def test_the_event_loop_lag_is_a_histogram(client: TestClient) -> None:
+    time.sleep(0.2)  # the watcher samples every 25 ms
+    metrics = client.get("/metrics").text
+    count = next(
+        line for line in metrics.splitlines() if line.startswith("vae_event_loop_lag_seconds_count")
+    )
+    assert float(count.split()[-1]) >= 2
+
+
+def test_a_truncated_multipart_body_says_so(client: TestClient) -> None:
+    boundary = "b0undary"
+    part = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="images"; filename="a.png"\r\n'
+        "Content-Type: image/png\r\n\r\n"
+    ).encode() + PNG
+    complete = part + f"\r\n--{boundary}--\r\n".encode()
+    headers = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    assert client.post("/encode", content=complete, headers=headers).status_code == 200
+    for cut in (part[:-100], part + part[:50]):
+        response = client.post("/encode", content=cut, headers=headers)
+        assert response.status_code == 400
+        assert response.json()["detail"] == (
+            f"the multipart body is truncated or malformed: its {len(cut)} bytes do not end with "
+            f"the closing boundary '--{boundary}--'"
+        )
+
+
+def test_json_bodies_are_bounded_below_the_upload_limit(client: TestClient) -> None:
+    body = json.dumps({"z": [[0.0] * 8] * 40_000})
+    assert len(body) > MAX_JSON_BYTES
+    response = client.post("/decode", content=body, headers={"Content-Type": "application/json"})
+    assert response.status_code == 413
+    assert response.json()["detail"] == (
+        f"JSON request body is {len(body)} bytes, over the limit of {MAX_JSON_BYTES} bytes for "
+        "JSON; send large inputs as files (multipart), a raw image or an application/x-npy body"
+    )
+    npy_sized = client.post(
+        "/encode", content=b"x" * (MAX_JSON_BYTES + 1), headers={"Content-Type": "image/png"}
+    )
+    assert npy_sized.status_code == 422  # other bodies keep VAE_MAX_UPLOAD_BYTES
+
+
+def test_a_client_that_disconnects_is_one_log_line(
+    tiny_bundle: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = create_app(Settings(bundle=tiny_bundle))
+    sent: list[dict[str, Any]] = []
+    chunks = [
+        {
+            "type": "http.request",
+            "body": b"--b\r\nContent-Disposition: form-data; ",
+            "more_body": True,
+        },
+        {"type": "http.disconnect"},
+    ]
+
+    async def receive() -> dict[str, Any]:
+        return chunks.pop(0)
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "path": "/encode",
+        "raw_path": b"/encode",
+        "query_string": b"",
+        "root_path": "",
+        "scheme": "http",
+        "server": ("127.0.0.1", 8000),
+        "client": ("127.0.0.1", 5555),
+        "headers": [(b"content-type", b"multipart/form-data; boundary=b")],
+    }
+
+    async def run() -> None:
+        async with app.router.lifespan_context(app):
+            caplog.clear()
+            with caplog.at_level(logging.INFO):
+                await app(scope, receive, send)  # type: ignore[arg-type]
+
+    asyncio.run(run())
+    records = [r for r in caplog.records if r.name.startswith(("service", "uvicorn"))]
+    assert [r.getMessage() for r in records] == [
+        "127.0.0.1:5555 disconnected before sending all of POST /encode"
+    ]
+    assert not any(r.exc_info for r in caplog.records)
+    assert sent[0]["status"] == 499
+
+
+def test_openapi_has_no_security_scheme_without_a_key(client: TestClient) -> None:
+    schema = client.get("/openapi.json").json()
+    assert "securitySchemes" not in schema.get("components", {})
+    assert "security" not in schema["paths"]["/encode"]["post"]
+    assert "401" not in schema["paths"]["/encode"]["post"]["responses"]
+
+
+def test_openapi_tells_the_truth(make_client: MakeClient) -> None:
+    with make_client(api_key="s3cret", max_sample_n=20, max_k=30, max_samples=40) as client:
+        schema = client.get("/openapi.json").json()
+    assert schema["components"]["securitySchemes"] == {
+        "APIKeyHeader": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+        "BearerAuth": {"type": "http", "scheme": "bearer"},
+    }
+    paths = schema["paths"]
+    for path, method in [("/encode", "post"), ("/sample", "get"), ("/admin/reload", "post")]:
+        operation = paths[path][method]
+        assert operation["security"] == [{"APIKeyHeader": []}, {"BearerAuth": []}], path
+        assert "401" in operation["responses"], path
+    for path in ("/healthz", "/readyz", "/metrics"):
+        assert "security" not in paths[path]["get"]
+    limits = {
+        parameter["name"]: parameter["schema"]
+        for operation in (paths["/sample"]["get"], paths["/elbo"]["post"])
+        for parameter in operation["parameters"]
+    }
+    assert limits["n"]["maximum"] == 20
+    assert limits["samples"]["maximum"] == 40
+    assert [option.get("maximum") for option in limits["k"]["anyOf"]] == [30, None]
+    assert set(paths["/encode"]["post"]["responses"]) >= {"400", "413", "415", "422", "503"}
+
+
+def test_a_large_request_gives_its_memory_back(
+    make_client: MakeClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    released: list[str] = []
+    release = Bundle.release_memory
+    monkeypatch.setattr(
+        Bundle, "release_memory", lambda self: released.append(self.manifest.name) or release(self)
+    )
+    with make_client() as client:
+        small = client.post("/elbo", json={"pixels": [[[0.5]]] * 2}, params={"k": 8})
+        assert small.status_code == 200 and released == []
+        rows = 8 * 1000
+        assert rows >= RELEASE_ROWS
+        large = client.post(
+            "/elbo", json={"pixels": [[[0.5]]] * 8}, params={"k": 1000, "score": "neg_iwae"}
+        )
+        assert large.status_code == 200
+        deadline = time.monotonic() + 10
+        while not released and time.monotonic() < deadline:
+            time.sleep(0.05)  # released in the background, after the answer
+        assert client.post("/elbo", json={"pixels": [[[0.5]]] * 2}, params={"k": 8}).json() == (
+            small.json()
+        )
+    assert released == ["tiny-bernoulli"]
