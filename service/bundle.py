@@ -7,11 +7,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import numpy as np
 import onnxruntime as ort
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 
 from service.settings import Device
 
@@ -28,7 +35,22 @@ MAX_DECODE_ROWS = 8192
 Array = np.ndarray[Any, np.dtype[np.float32]]
 
 
-ScoreName = Literal["neg_elbo", "neg_iwae", "recon_error", "blur_recon_rel"]
+# The anomaly scores this server computes (service/objective.py); a manifest naming another is
+# refused with a message naming it.
+ScoreName = Literal["neg_elbo", "neg_iwae", "recon_error", "blur_recon_rel", "blur_recon_contrast"]
+SCORE_NAMES: tuple[str, ...] = get_args(ScoreName)
+
+
+def _known_score(name: object) -> object:
+    if isinstance(name, str) and name not in SCORE_NAMES:
+        raise ValueError(
+            f"unknown anomaly score {name!r}: this server knows {', '.join(SCORE_NAMES)} "
+            "(was the bundle exported by a newer version?)"
+        )
+    return name
+
+
+KnownScore = Annotated[ScoreName, BeforeValidator(_known_score)]
 
 
 class BundleError(RuntimeError):
@@ -85,9 +107,9 @@ class Calibration(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     data: str | None = None
-    default_score: ScoreName = "neg_elbo"
+    default_score: KnownScore = "neg_elbo"
     threshold_percentile: float = Field(default=99.0, ge=0.0, le=100.0)
-    scores: dict[ScoreName, ScoreCalibration] = {}
+    scores: dict[KnownScore, ScoreCalibration] = {}
 
 
 class Manifest(BaseModel):

@@ -362,13 +362,9 @@ class Model:
             values = -objective.elbo(log_px[:score_draws], kl).elbo
         elif score == "neg_iwae":
             values = -objective.iwae(log_px[:score_draws], z[:score_draws], mu, logvar)
-        else:  # recon_error, blur_recon_rel: deterministic, the decoder's mean at z = mu
+        else:  # deterministic: a function of x and the decoder's mean at z = mu
             (decoded,) = yield "decoder", mu
-            mean = self._mean(decoded)
-            if score == "recon_error":
-                values = objective.squared_error(x, mean)
-            else:
-                values = objective.blur_recon_rel(x, mean)
+            values = objective.RECONSTRUCTION_SCORES[score](x, self._mean(decoded))
         return Evaluation(terms=terms, iwae=iwae, score=values)
 
     def reconstruct(self, x: F32) -> F32:

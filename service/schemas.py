@@ -249,8 +249,8 @@ class ElboPublic(BaseModel):
     seed: int
     score: Score
     score_draws: int = Field(
-        description="samples (neg_elbo) or k (neg_iwae) behind the score; 0 for recon_error "
-        "and blur_recon_rel"
+        description="samples (neg_elbo) or k (neg_iwae) behind the score; 0 for the scores "
+        "of the reconstruction (recon_error, blur_recon_rel, blur_recon_contrast)"
     )
     threshold: float | None
     threshold_source: Literal["request", "settings", "manifest"] | None

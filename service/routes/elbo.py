@@ -12,7 +12,7 @@ from service.deps import (
     read_images,
 )
 from service.inference import MAX_SEED, EvaluateOptions, Evaluation, Model
-from service.objective import percentile_of, value_at
+from service.objective import RECONSTRUCTION_SCORES, percentile_of, value_at
 from service.schemas import ElboPublic, Score, json_response
 from service.settings import Settings
 
@@ -23,7 +23,7 @@ ThresholdSource = Literal["request", "settings", "manifest"]
 
 def score_draws(model: Model, score: Score, samples: int, k: int | None) -> int:
     """Draws behind the anomaly score: the calibration's, so scores compare with its table."""
-    if score in ("recon_error", "blur_recon_rel"):
+    if score in RECONSTRUCTION_SCORES:
         return 0  # deterministic: the decoder's mean at z = mu
     table = model.manifest.score_table(score)
     if score == "neg_elbo":
