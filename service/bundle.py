@@ -101,14 +101,30 @@ class ScoreCalibration(BaseModel):
         return len(self.values) > 0
 
 
+class FalsePositiveRate(BaseModel):
+    """The default threshold's false-positive rate on held-out normal images not in the tables."""
+
+    model_config = ConfigDict(extra="allow")
+
+    score: KnownScore
+    threshold: float
+    rate: float = Field(ge=0.0, le=1.0)
+    images: int = Field(ge=1)
+
+
 class Calibration(BaseModel):
-    """Anomaly-score calibration written by the exporter."""
+    """Anomaly-score calibration written by the exporter (bundles before 2.1 have no
+    false_positive_rate or selection)."""
 
     model_config = ConfigDict(extra="allow")
 
     data: str | None = None
     default_score: KnownScore = "neg_elbo"
     threshold_percentile: float = Field(default=99.0, ge=0.0, le=100.0)
+    false_positive_rate: FalsePositiveRate | None = None
+    selection: dict[str, Any] | None = Field(
+        default=None, description="how the default score was chosen, and the figures"
+    )
     scores: dict[KnownScore, ScoreCalibration] = {}
 
 

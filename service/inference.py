@@ -15,7 +15,7 @@ import secrets
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypedDict, TypeVar, Unpack
+from typing import Any, NotRequired, TypedDict, TypeVar, Unpack
 
 import numpy as np
 from starlette.concurrency import run_in_threadpool
@@ -63,15 +63,17 @@ class EvaluateOptions(TypedDict):
     score: ScoreName
     score_draws: int
     seed: int
+    anomaly_map: NotRequired[bool]
 
 
 @dataclass(frozen=True)
 class Evaluation:
-    """Per-image results of scoring a batch, each `(B,)`."""
+    """Per-image results of scoring a batch, each `(B,)`; `anomaly_map` `(B, H, W)` if asked."""
 
     terms: objective.ElboTerms
     iwae: F64 | None
     score: F64
+    anomaly_map: F64 | None = None
 
 
 @dataclass(frozen=True)
@@ -345,6 +347,7 @@ class Model:
         score: ScoreName,
         score_draws: int,
         seed: int,
+        anomaly_map: bool = False,
     ) -> Steps[Evaluation]:
         """`evaluate` as steps: it yields each network call it needs, `(network, rows)`, and is
         sent that call's outputs, so one body of math serves the thread and the event loop."""
@@ -358,14 +361,19 @@ class Model:
 
         terms = objective.elbo(log_px[:samples], kl)
         iwae = objective.iwae(log_px[:k], z[:k], mu, logvar) if k else None
+        mean = None
+        if score in objective.RECONSTRUCTION_SCORES or anomaly_map:
+            (decoded,) = yield "decoder", mu
+            mean = self._mean(decoded)  # the decoder's mean at z = mu
         if score == "neg_elbo":
             values = -objective.elbo(log_px[:score_draws], kl).elbo
         elif score == "neg_iwae":
             values = -objective.iwae(log_px[:score_draws], z[:score_draws], mu, logvar)
         else:  # deterministic: a function of x and the decoder's mean at z = mu
-            (decoded,) = yield "decoder", mu
-            values = objective.RECONSTRUCTION_SCORES[score](x, self._mean(decoded))
-        return Evaluation(terms=terms, iwae=iwae, score=values)
+            assert mean is not None
+            values = objective.RECONSTRUCTION_SCORES[score](x, mean)
+        heat = objective.anomaly_map(x, mean) if anomaly_map and mean is not None else None
+        return Evaluation(terms=terms, iwae=iwae, score=values, anomaly_map=heat)
 
     def reconstruct(self, x: F32) -> F32:
         """The decoder's mean at `z = mu`, `(B, C, H, W)`: what the model makes of each image."""

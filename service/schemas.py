@@ -227,6 +227,11 @@ class ElboResult(BaseModel):
     is_anomaly: bool | None = Field(
         default=None, description="anomaly_score > threshold; null without one"
     )
+    anomaly_map: list[list[float]] | str | None = Field(
+        default=None,
+        description="with map=array, the (H, W) per-pixel terms of blur_recon_contrast (they sum "
+        "to that score); with map=png, a base64 PNG heat map of them over the image",
+    )
 
 
 def json_response(model: type[BaseModel], payload: dict[str, Any]) -> Response:
