@@ -146,9 +146,8 @@ def oneclass(args: argparse.Namespace) -> dict[str, Any]:
     )
     for variant, rows in results.items():
         digits = list(rows)
-        print(
-            f"\n{variant}: default score(s) {sorted({r['default_score'] for r in rows.values()})}"
-        )
+        chosen = sorted({r["default_score"] for r in rows.values()})
+        print(f"\n{variant}: default score(s) {', '.join(chosen)}")
         print("| score | " + " | ".join(str(d) for d in digits) + " | mean | worst |")
         print("|---|" + "---|" * (len(digits) + 2))
         for key, label in (("default", "default score"), ("neg_elbo", "-ELBO")):
