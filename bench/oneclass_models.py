@@ -158,16 +158,10 @@ def train_and_export(
 
 
 def train_only(digit: int, variant: str, data: Path, cache: Path, epochs: int, latent: int) -> None:
-    """Train one model (no export): for warming the cache while the exporter changes."""
-    run = cache / variant / f"digit{digit}" if variant != "plain" else cache / f"digit{digit}"
-    if (run / "checkpoint_best.pt").is_file():
-        return
-    marker = run / "bundle" / "manifest.json"
-    assert not marker.exists() or True
-    train_and_export_args = (digit, variant, data, cache, epochs, latent)
-    # train_and_export trains first, then exports; an export failure here is not fatal
+    """Train and export one model unless cached; a failure is reported, not fatal (warming the
+    cache for bench/anomaly.py, several variants or digits at a time)."""
     try:
-        train_and_export(*train_and_export_args)
+        train_and_export(digit, variant, data, cache, epochs, latent)
     except subprocess.CalledProcessError as exc:
         print(f"digit {digit} {variant}: {exc}", file=sys.stderr)
 
