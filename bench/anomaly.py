@@ -6,8 +6,8 @@ images are scored, and the AUROC of c (normal) against the other nine digits (an
 reported, for MNIST as it is and for two variants made from it: inverted (255 - x) and
 colourised (a random stroke and background colour per image, 3-channel models).
 
-The OOD battery (bench/ood_battery.py): a bundle (default: the shipped models/mnist) scores the
-MNIST test images (normal) and every set of the battery; AUROC per set.
+The OOD battery (bench/ood_battery.py): a bundle (default: the shipped one, service/bundles/mnist)
+scores the MNIST test images (normal) and every set of the battery; AUROC per set.
 
 The cost: /elbo (1 PNG) at concurrency 32 with the default score against score=neg_elbo, on the
 same server, interleaved (bench/serving.py's load process).
@@ -40,6 +40,7 @@ from bench import serving
 from bench.common import REPO, machine, now, require_mnist
 from bench.oneclass_models import apply_variant, mnist_pixels, train_and_export
 from bench.ood_battery import battery
+from service.settings import DEFAULT_BUNDLE
 
 PUBLISHED = [
     ("Deep SVDD (Ruff et al. 2018)", 94.8),
@@ -237,11 +238,11 @@ def main() -> None:
     one.add_argument("--latent-dim", type=int, default=16)
     one.add_argument("--cache", type=Path, default=REPO / "runs" / "bench-anomaly")
     battery_parser = sub.add_parser("ood", help="the OOD battery against one bundle")
-    battery_parser.add_argument("--bundle", type=Path, default=REPO / "models" / "mnist")
+    battery_parser.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE)
     battery_parser.add_argument("--n", type=int, default=1000, help="images per set")
     battery_parser.add_argument("--seed", type=int, default=0)
     cost_parser = sub.add_parser("cost", help="/elbo req/s, default score against -ELBO")
-    cost_parser.add_argument("--bundle", type=Path, default=REPO / "models" / "mnist")
+    cost_parser.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE)
     cost_parser.add_argument("--pairs", type=int, default=3)
     cost_parser.add_argument("--seconds", type=float, default=5.0)
     for parser in (one, battery_parser, cost_parser):
