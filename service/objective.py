@@ -129,8 +129,9 @@ def blur_recon_rel(x: F32, mean: F32) -> F64:
 def contrast(x: F32) -> F64:
     """`sum |x - median(x)|` per image, the median per channel: `(B, C, H, W)` -> `(B,)`.
 
-    How far an image is from its own background, whatever its polarity or colours: the ink of a
-    white-on-black digit, and as much for the same digit black-on-white or in any two colours.
+    How far an image is from its own background, whatever its polarity: the ink of a
+    white-on-black digit, and as much for the same digit black-on-white; in two colours, the ink
+    times the colours' difference summed over channels.
     """
     b, c = x.shape[:2]
     background = np.median(x.reshape(b, c, -1), axis=-1)[:, :, None, None]  # (B, C, 1, 1)
@@ -153,7 +154,7 @@ def blur_recon_contrast(x: F32, mean: F32) -> F64:
 
     `mean` is the decoder's mean at `z = mu`. The blurred error forgives strokes shifted by a
     pixel or two; dividing by the image's contrast against its own background (not by its ink,
-    as blur_recon_rel does) keeps the score independent of polarity and colour, and a blank or
+    as blur_recon_rel does) keeps the score independent of polarity, and a blank or
     near-blank image, which has almost no contrast, gets a high score instead of the likelihood's
     low one (Nalisnick et al. 2019). docs/BUNDLE.md and BENCHMARKS.md section 2 give the evidence.
     """
