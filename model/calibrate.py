@@ -35,6 +35,7 @@ THRESHOLD_PERCENTILE = 99.0
 # in order of preference where two tie (on MNIST, blur_recon_rel equals blur_recon_contrast)
 DEFAULT_CANDIDATES = ("blur_recon_contrast", "blur_recon_rel", "recon_error", "neg_elbo")
 BATCH = 500
+ROUGH = 200  # held-out images below which calibration warns that its figures are rough
 
 Images = np.ndarray  # (N, C, H, W) float32 in [0, 1]
 Outlier = Callable[[Images, np.random.Generator], Images]
@@ -174,8 +175,15 @@ def calibrate(
     """
     if default_score is not None and default_score not in SCORE_NAMES:
         raise ValueError(f"default score must be one of {SCORE_NAMES}, got {default_score!r}")
-    if len(normal) < 20:
-        raise ValueError(f"calibration needs at least 20 held-out images, got {len(normal)}")
+    if len(normal) < 2:
+        raise ValueError(f"calibration needs at least 2 held-out images, got {len(normal)}")
+    if len(normal) < ROUGH:
+        log.warning(
+            "calibrating on %d held-out images: the thresholds, their false-positive rate and "
+            "the choice of the default score are rough below %d",
+            len(normal),
+            ROUGH,
+        )
     normal = np.ascontiguousarray(normal, dtype=np.float32)
     model = Model(load_bundle(bundle, device="cpu", threads=0), Metrics())
     order = np.random.default_rng(seed).permutation(len(normal))

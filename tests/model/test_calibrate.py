@@ -66,5 +66,15 @@ def test_calibration_refuses_unknown_scores_and_tiny_sets(tiny_bundle: Path) -> 
     x = np.zeros((40, 1, 28, 28), dtype=np.float32)
     with pytest.raises(ValueError, match="default score must be one of"):
         calibrate(tiny_bundle, x, "d", default_score="mse")
-    with pytest.raises(ValueError, match="at least 20 held-out images, got 5"):
-        calibrate(tiny_bundle, x[:5], "d")
+    with pytest.raises(ValueError, match="at least 2 held-out images, got 1"):
+        calibrate(tiny_bundle, x[:1], "d")
+
+
+def test_a_tiny_held_out_set_still_calibrates_with_a_warning(
+    tiny_bundle: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    x = np.random.default_rng(4).random((2, 1, 28, 28), dtype=np.float32)
+    cal = calibrate(tiny_bundle, x, "two images", k=2)
+    assert cal["images"] == cal["false_positive_rate"]["images"] == 1
+    assert cal["default_score"] in DEFAULT_CANDIDATES
+    assert "calibrating on 2 held-out images" in caplog.text

@@ -218,7 +218,9 @@ def test_blur_recon_contrast_by_hand() -> None:
 
 
 @pytest.mark.parametrize("channels", [1, 3])
-def test_blur_recon_contrast_ignores_polarity_and_scales_with_colour_contrast(channels: int) -> None:
+def test_blur_recon_contrast_ignores_polarity_scales_with_colours(
+    channels: int,
+) -> None:
     rng = np.random.default_rng(5)
     ink = (rng.random((3, 1, 16, 16)) < 0.2).astype(np.float32)
     mean = np.clip(ink + 0.1 * rng.standard_normal(ink.shape), 0, 1).astype(np.float32)
