@@ -1,10 +1,20 @@
-"""Anomaly detection, the one-class MNIST protocol (Ruff et al. 2018, Deep SVDD), via the server.
+"""Anomaly detection through the real server, with each bundle's DEFAULT score (POST /elbo).
 
-For each digit c: train a VAE on the training images of c only (cached under --cache), export it,
-start the real server on it, score all 10,000 test images through POST /elbo, and report the AUROC
-of c (normal) against the other nine digits (anomalous), for each score the server offers.
+One-class MNIST (Ruff et al. 2018, Deep SVDD): for each digit c, a VAE trained on the training
+images of c only (bench/oneclass_models.py, cached) is served by `vae serve`; all 10,000 test
+images are scored, and the AUROC of c (normal) against the other nine digits (anomalous) is
+reported, for MNIST as it is and for two variants made from it: inverted (255 - x) and
+colourised (a random stroke and background colour per image, 3-channel models).
 
-    python -m bench.anomaly --epochs 40
+The OOD battery (bench/ood_battery.py): a bundle (default: the shipped one, service/bundles/mnist)
+scores the MNIST test images (normal) and every set of the battery; AUROC per set.
+
+The cost: /elbo (1 PNG) at concurrency 32 with the default score against score=neg_elbo, on the
+same server, interleaved (bench/serving.py's load process).
+
+    python -m bench.anomaly oneclass --variants plain,inverted,rgb --out bench/results/anomaly.json
+    python -m bench.anomaly ood --out bench/results/ood.json
+    python -m bench.anomaly cost
 """
 
 from __future__ import annotations
@@ -14,7 +24,7 @@ import base64
 import io
 import json
 import os
-import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -26,92 +36,20 @@ import numpy as np
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
+from bench import serving
 from bench.common import REPO, machine, now, require_mnist
-from model.data import load_idx_dir
+from bench.oneclass_models import apply_variant, mnist_pixels, train_and_export
+from bench.ood_battery import battery
+from service.settings import DEFAULT_BUNDLE
 
 PUBLISHED = [
-    ("OC-SVM", 91.3),
-    ("KDE", 86.9),
-    ("Isolation Forest", 92.3),
-    ("DCAE", 89.7),
-    ("AnoGAN", 91.3),
     ("Deep SVDD (Ruff et al. 2018)", 94.8),
+    ("OCGAN (Perera et al. 2019)", 97.5),
+    ("GEOM (Golan and El-Yaniv 2018)", 98.0),
+    ("ARNet (Fei et al. 2020)", 98.3),
+    ("AGAD (2023)", 99.1),
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def train_and_export(digit: int, data: Path, cache: Path, epochs: int, latent: int) -> Path:
-    """Train (unless the checkpoint is cached) and export (unless the bundle is current)."""
-    run, bundle = cache / f"digit{digit}", cache / f"digit{digit}" / "bundle"
-    manifest = bundle / "manifest.json"
-    if (
-        manifest.is_file()
-        and "blur_recon_rel" in json.loads(manifest.read_text())["calibration"]["scores"]
-    ):
-        return bundle
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    vae = [sys.executable, "-m", "model.cli"]
-    if not (run / "checkpoint_best.pt").is_file():
-        subprocess.run(
-            [
-                *vae,
-                "train",
-                "--data",
-                str(data),
-                "--classes",
-                str(digit),
-                "--architecture",
-                "mlp",
-                "--hidden-dims",
-                "512,256",
-                "--latent-dim",
-                str(latent),
-                "--epochs",
-                str(epochs),
-                "--val-size",
-                "0.1",
-                "--kl-warmup-epochs",
-                "5",
-                "--threads",
-                "1",
-                "--out",
-                str(run),
-                "--force",  # a run interrupted before its first best checkpoint starts over
-                "--log-level",
-                "WARNING",
-            ],
-            env=env,
-            check=True,
-            stderr=subprocess.DEVNULL,
-        )
-    subprocess.run(
-        [
-            *vae,
-            "export",
-            str(run / "checkpoint_best.pt"),
-            "--out",
-            str(bundle),
-            "--name",
-            f"mnist-digit{digit}",
-            "--calibration-k",
-            "64",
-            "--default-score",
-            "blur_recon_rel",
-            "--log-level",
-            "WARNING",
-            "--overwrite",
-        ],
-        env=env,
-        check=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    return bundle
+TEST_SEED = 12345  # colours of the test images (training images use the digit as seed)
 
 
 def png_b64(img: np.ndarray) -> str:
@@ -124,7 +62,7 @@ class Server:
     """The real server (`vae serve`) on a free loopback port."""
 
     def __init__(self, bundle: Path) -> None:
-        self.port = free_port()
+        self.port = serving.free_port()
         env = {
             **os.environ,
             "PYTHONPATH": str(REPO),
@@ -132,155 +70,187 @@ class Server:
             "VAE_MAX_UPLOAD_BYTES": str(64 << 20),
             "VAE_LOG_LEVEL": "WARNING",
         }
+        command = [sys.executable, "-m", "service.cli", "serve", "--port", str(self.port)]
         self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "service.cli",
-                "serve",
-                "--port",
-                str(self.port),
-                "--bundle",
-                str(bundle),
-            ],
+            [*command, "--bundle", str(bundle)],
             env=env,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
         self.url = f"http://127.0.0.1:{self.port}"
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        self.close()
-        raise RuntimeError(f"server on {bundle} not ready within 60 s")
+        try:
+            serving.wait_ready(self.url, self.proc)  # type: ignore[arg-type]
+        except BaseException:
+            self.close()
+            raise
 
     def close(self) -> None:
         self.proc.terminate()
         self.proc.wait(timeout=30)
 
 
-SCORES = {
-    "neg_elbo": "-ELBO",
-    "neg_iwae": "-IWAE",
-    "recon_error": "recon_error",
-    "blur_recon_rel": "blur_recon_rel",
-}
-
-
-def score_all(url: str, images: list[str], k: int, batch: int = 500) -> dict[str, np.ndarray]:
-    """Every score for every image: one /elbo call with k (ELBO, IWAE and recon_error in one
-    response) and one for blur_recon_rel, per batch; k=0 skips the IWAE (NaN)."""
-    out: dict[str, list[float]] = {name: [] for name in SCORES}
+def score_all(url: str, images: list[str], batch: int = 500) -> dict[str, Any]:
+    """The default score and -ELBO of every image (one /elbo call per batch), and the score's
+    name and threshold."""
+    default, neg_elbo = [], []
+    body: dict[str, Any] = {}
     with httpx.Client(timeout=300) as client:
-
-        def post(params: dict[str, Any], chunk: list[str]) -> list[dict[str, Any]]:
-            r = client.post(f"{url}/elbo", params=params, json={"images": chunk})
-            r.raise_for_status()
-            results: list[dict[str, Any]] = r.json()["results"]
-            return results
-
         for i in range(0, len(images), batch):
-            chunk = images[i : i + batch]
-            params: dict[str, Any] = {"score": "recon_error", **({"k": k} if k else {})}
-            for res in post(params, chunk):
-                out["neg_elbo"].append(-res["elbo"])
-                out["neg_iwae"].append(-res["iwae"] if k else float("nan"))
-                out["recon_error"].append(res["anomaly_score"])
-            for res in post({"score": "blur_recon_rel"}, chunk):
-                out["blur_recon_rel"].append(res["anomaly_score"])
-    return {key: np.asarray(v) for key, v in out.items()}
+            r = client.post(f"{url}/elbo", json={"images": images[i : i + batch]})
+            r.raise_for_status()
+            body = r.json()
+            default += [res["anomaly_score"] for res in body["results"]]
+            neg_elbo += [-res["elbo"] for res in body["results"]]
+    return {
+        "default": np.asarray(default),
+        "neg_elbo": np.asarray(neg_elbo),
+        "score": body["score"],
+        "threshold": body["threshold"],
+    }
+
+
+def auroc(normal: np.ndarray, anomalous: np.ndarray) -> float:
+    truth = np.r_[np.zeros(len(normal)), np.ones(len(anomalous))]
+    return float(roc_auc_score(truth, np.r_[normal, anomalous]))
+
+
+def oneclass(args: argparse.Namespace) -> dict[str, Any]:
+    data = require_mnist()
+    pixels, labels = mnist_pixels(data, "test")
+    results: dict[str, Any] = {}
+    t0 = time.perf_counter()
+    for variant in args.variants.split(","):
+        images = [png_b64(img) for img in apply_variant(pixels, variant, TEST_SEED)]
+        rows: dict[int, dict[str, Any]] = {}
+        for digit in (int(d) for d in args.digits.split(",")):
+            bundle = train_and_export(
+                digit, variant, data, args.cache, args.epochs, args.latent_dim
+            )
+            server = Server(bundle)
+            try:
+                scores = score_all(server.url, images)
+            finally:
+                server.close()
+            normal = labels == digit
+            rows[digit] = {
+                "default_score": scores["score"],
+                "default": 100 * auroc(scores["default"][normal], scores["default"][~normal]),
+                "neg_elbo": 100 * auroc(scores["neg_elbo"][normal], scores["neg_elbo"][~normal]),
+                "test_fpr": float(np.mean(scores["default"][normal] > scores["threshold"])),
+            }
+            print(f"{variant} digit {digit}: {rows[digit]}", file=sys.stderr, flush=True)
+        results[variant] = rows
+    print(f"# one-class MNIST AUROC (%), {now()}, {machine()}")
+    print(
+        f"# MLP VAE {args.latent_dim} latent, {args.epochs} epochs per class; POST /elbo, "
+        f"each bundle's default score; {time.perf_counter() - t0:.0f} s\n"
+    )
+    for variant, rows in results.items():
+        digits = list(rows)
+        chosen = sorted({r["default_score"] for r in rows.values()})
+        print(f"\n{variant}: default score(s) {', '.join(chosen)}")
+        print("| score | " + " | ".join(str(d) for d in digits) + " | mean | worst |")
+        print("|---|" + "---|" * (len(digits) + 2))
+        for key, label in (("default", "default score"), ("neg_elbo", "-ELBO")):
+            vals = [rows[d][key] for d in digits]
+            print(
+                f"| {label} | "
+                + " | ".join(f"{v:.1f}" for v in vals)
+                + f" | **{np.mean(vals):.1f}** | {min(vals):.1f} |"
+            )
+        fprs = [rows[d]["test_fpr"] for d in digits]
+        print(
+            "| FPR of the default threshold on the test images of c (%) | "
+            + " | ".join(f"{100 * f:.1f}" for f in fprs)
+            + f" | {100 * np.mean(fprs):.1f} | |"
+        )
+    print("\n| published (plain MNIST) | mean |\n|---|---|")
+    for name, mean in PUBLISHED:
+        print(f"| {name} | {mean:.1f} |")
+    return results
+
+
+def ood(args: argparse.Namespace) -> dict[str, Any]:
+    data = require_mnist()
+    pixels, labels = mnist_pixels(data, "test")
+    sets = battery(pixels, labels, args.n, seed=args.seed)
+    server = Server(args.bundle)
+    try:
+        normal = score_all(server.url, [png_b64(img) for img in pixels])
+        rows = {}
+        for name, images in sets.items():
+            s = score_all(server.url, [png_b64(img) for img in images])
+            rows[name] = {
+                "default": auroc(normal["default"], s["default"]),
+                "neg_elbo": auroc(normal["neg_elbo"], s["neg_elbo"]),
+                "flagged": float(np.mean(s["default"] > normal["threshold"])),
+            }
+            print(f"{name}: {rows[name]}", file=sys.stderr, flush=True)
+    finally:
+        server.close()
+    manifest = json.loads((args.bundle / "manifest.json").read_text())
+    print(f"# OOD battery AUROC, {now()}, {machine()}")
+    print(
+        f"# {manifest['name']} {manifest['version']}, default score {normal['score']}; normal: "
+        f"the 10,000 MNIST test images; {args.n} images per set, seed {args.seed}\n"
+    )
+    print("| set | default score | -ELBO | flagged by the default threshold |")
+    print("|---|---|---|---|")
+    for name, r in rows.items():
+        print(f"| {name} | {r['default']:.3f} | {r['neg_elbo']:.3f} | {100 * r['flagged']:.1f} % |")
+    worst = min(rows, key=lambda n: rows[n]["default"])
+    print(
+        f"\nworst set: {worst} ({rows[worst]['default']:.3f}); MNIST test images flagged: "
+        f"{100 * float(np.mean(normal['default'] > normal['threshold'])):.1f} %"
+    )
+    return {"bundle": str(args.bundle), "score": normal["score"], "sets": rows}
+
+
+def cost(args: argparse.Namespace) -> dict[str, Any]:
+    """Interleaved cells of /elbo (1 PNG) at concurrency 32: default score, then score=neg_elbo."""
+    inputs = REPO / "runs" / "bench-anomaly" / "cost-inputs"
+    inputs.mkdir(parents=True, exist_ok=True)
+    serving.write_inputs(inputs, args.bundle)  # the PNGs the serving bench sends
+    rates: dict[str, list[float]] = {"elbo": [], "elbo_neg_elbo": []}
+    with serving.server("noop_app", args.bundle) as (url, _):
+        for _ in range(args.pairs):
+            for case in rates:
+                rates[case].append(serving.load(url, case, 32, args.seconds, inputs)["rps"])
+    default, baseline = statistics.median(rates["elbo"]), statistics.median(rates["elbo_neg_elbo"])
+    print(
+        f"# /elbo (1 PNG) at concurrency 32, {now()}, {machine()}, {args.pairs} interleaved "
+        f"pairs of {args.seconds:.0f} s cells, medians"
+    )
+    print(
+        f"default score: {default:.0f} req/s {rates['elbo']}; score=neg_elbo: {baseline:.0f} "
+        f"req/s {rates['elbo_neg_elbo']}; ratio {default / baseline:.2f}"
+    )
+    return {"rps": rates, "ratio": default / baseline}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--epochs", type=int, default=40)
-    p.add_argument("--latent-dim", type=int, default=16)
-    p.add_argument("--k", type=int, default=64, help="importance samples for the -IWAE score")
-    p.add_argument("--digits", default="0,1,2,3,4,5,6,7,8,9")
-    p.add_argument("--cache", type=Path, default=REPO / "runs" / "bench-anomaly")
-    p.add_argument("--out", type=Path, help="write per-class AUROCs as JSON")
-    p.add_argument(
-        "--unseen",
-        type=int,
-        default=5000,
-        help="also score this many training images of the other digits (never seen by the model; "
-        "seed 0) as the anomalies, against the test images of c: a check on a score chosen by "
-        "test AUROC; 0 = skip",
-    )
+    sub = p.add_subparsers(dest="command", required=True)
+    one = sub.add_parser("oneclass", help="the one-class MNIST protocol and its variants")
+    one.add_argument("--variants", default="plain,inverted,rgb")
+    one.add_argument("--digits", default="0,1,2,3,4,5,6,7,8,9")
+    one.add_argument("--epochs", type=int, default=20)
+    one.add_argument("--latent-dim", type=int, default=16)
+    one.add_argument("--cache", type=Path, default=REPO / "runs" / "bench-anomaly")
+    battery_parser = sub.add_parser("ood", help="the OOD battery against one bundle")
+    battery_parser.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE)
+    battery_parser.add_argument("--n", type=int, default=1000, help="images per set")
+    battery_parser.add_argument("--seed", type=int, default=0)
+    cost_parser = sub.add_parser("cost", help="/elbo req/s, default score against -ELBO")
+    cost_parser.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE)
+    cost_parser.add_argument("--pairs", type=int, default=3)
+    cost_parser.add_argument("--seconds", type=float, default=5.0)
+    for parser in (one, battery_parser, cost_parser):
+        parser.add_argument("--out", type=Path, help="write the figures as JSON")
     args = p.parse_args()
-    data = require_mnist()
-    test = load_idx_dir(data, "test")
-    assert test.labels is not None
-    labels = test.labels.numpy()
-    pixels = (test.images[:, 0].numpy() * 255).round().astype(np.uint8)
-    images = [png_b64(img) for img in pixels]
-    train = load_idx_dir(data, "train")
-    assert train.labels is not None
-    train_labels = train.labels.numpy()
-    train_pixels = (train.images[:, 0].numpy() * 255).round().astype(np.uint8)
-    rows: dict[int, dict[str, float]] = {}
-    unseen_rows: dict[int, dict[str, float]] = {}
-    t0 = time.perf_counter()
-    for digit in (int(d) for d in args.digits.split(",")):
-        bundle = train_and_export(digit, data, args.cache, args.epochs, args.latent_dim)
-        server = Server(bundle)
-        others = np.random.default_rng(0).choice(
-            np.flatnonzero(train_labels != digit), args.unseen, replace=False
-        )
-        try:
-            scores = score_all(server.url, images, args.k)
-            unseen = score_all(server.url, [png_b64(train_pixels[i]) for i in others], 0)
-        finally:
-            server.close()
-        anomalous = labels != digit
-        rows[digit] = {name: 100 * roc_auc_score(anomalous, s) for name, s in scores.items()}
-        if args.unseen:
-            normal = ~anomalous
-            truth = np.r_[np.zeros(normal.sum()), np.ones(args.unseen)]
-            unseen_rows[digit] = {
-                name: 100 * roc_auc_score(truth, np.r_[scores[name][normal], unseen[name]])
-                for name in ("recon_error", "blur_recon_rel")
-            }
-        print(
-            f"digit {digit}: " + ", ".join(f"{n} {v:.1f}" for n, v in rows[digit].items()),
-            file=sys.stderr,
-        )
-    print(f"# one-class MNIST AUROC (%), {now()}, {machine()}")
-    print(
-        f"# MLP VAE 512-256, latent {args.latent_dim}, {args.epochs} epochs per class; scores "
-        f"from POST /elbo (k={args.k}); {time.perf_counter() - t0:.0f} s\n"
-    )
-    print("| score | " + " | ".join(str(d) for d in rows) + " | mean |")
-    print("|---|" + "---|" * (len(rows) + 1))
-    for n, label in SCORES.items():
-        vals = [rows[d][n] for d in rows]
-        print(
-            f"| {label} (this server) | "
-            + " | ".join(f"{v:.1f}" for v in vals)
-            + f" | **{np.mean(vals):.1f}** |"
-        )
-    for name, mean in PUBLISHED:
-        print(f"| {name} |" + " |" * len(rows) + f" {mean:.1f} |")
-    if unseen_rows:
-        print(
-            f"\nCheck with unseen anomalies: normal = the test images of c, anomalous = "
-            f"{args.unseen:,} training images of the other digits (seed 0)\n"
-        )
-        print("| score | " + " | ".join(str(d) for d in unseen_rows) + " | mean |")
-        print("|---|" + "---|" * (len(unseen_rows) + 1))
-        for n in ("recon_error", "blur_recon_rel"):
-            vals = [unseen_rows[d][n] for d in unseen_rows]
-            print(
-                f"| {n} | " + " | ".join(f"{v:.1f}" for v in vals) + f" | **{np.mean(vals):.1f}** |"
-            )
+    result = {"oneclass": oneclass, "ood": ood, "cost": cost}[args.command](args)
     if args.out:
-        result = {"test": rows, "unseen_train_anomalies": unseen_rows}
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        args.out.write_text(json.dumps(result, indent=2, default=str) + "\n")
 
 
 if __name__ == "__main__":

@@ -58,6 +58,9 @@ CASES = {
     "noop": Case("GET /noop", "GET", "/noop", "none", {}, 0),
     "encode": Case("POST /encode (1 PNG)", "POST", "/encode", "png", {}, 1),
     "elbo": Case("POST /elbo (1 PNG)", "POST", "/elbo", "png", {}, 1),
+    "elbo_neg_elbo": Case(  # bench/anomaly.py: the cost of the default score against -ELBO
+        "POST /elbo (1 PNG, score=neg_elbo)", "POST", "/elbo", "png", {"score": "neg_elbo"}, 1
+    ),
     "elbo64": Case("POST /elbo (64 PNGs)", "POST", "/elbo", "png64", {}, 64),
     "elbo64npy": Case("POST /elbo (64 images, one .npy)", "POST", "/elbo", "npy64", {}, 64),
     "sample": Case("GET /sample (n=16, PNGs)", "GET", "/sample", "none", {"n": "16"}, 16),

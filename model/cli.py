@@ -13,10 +13,12 @@ from typing import Any
 import torch
 
 from model import data as data_mod
+from model.calibrate import calibrate, write_calibration
 from model.config import VAEConfig
 from model.evaluate import evaluate
 from model.export import export_bundle
 from model.train import TrainConfig, model_from_checkpoint, pick_device, previous_run, train
+from service.bundle import SCORE_NAMES
 from service.cli import HelpFormatter
 
 log = logging.getLogger("vae")
@@ -165,12 +167,7 @@ def _export_parser(sub: Any) -> None:
     p.add_argument("--version", help="bundle version (default: a timestamp)")
     p.add_argument("--data", help="data for calibration and metrics (default: the training data)")
     p.add_argument("--calibration-k", type=int, default=64, help="k for the -IWAE score table")
-    p.add_argument(
-        "--default-score",
-        choices=["neg_elbo", "neg_iwae", "recon_error", "blur_recon_rel"],
-        default="neg_elbo",
-        help="the anomaly score /elbo uses when asked for none",
-    )
+    _default_score_option(p)
     p.add_argument(
         "--eval-k",
         type=int,
@@ -180,6 +177,29 @@ def _export_parser(sub: Any) -> None:
     p.add_argument("--eval-images", type=int, default=0, help="test images to evaluate; 0 = all")
     p.add_argument("--metrics", type=Path, help="JSON file of metrics to store (from evaluate)")
     p.add_argument("--overwrite", action="store_true", help="replace a bundle already in --out")
+    _common(p)
+
+
+def _default_score_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--default-score",
+        choices=SCORE_NAMES,
+        help="the anomaly score /elbo uses when asked for none (default: the calibration's "
+        "choice on held-out images against synthesised outliers, docs/BUNDLE.md)",
+    )
+
+
+def _calibrate_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "calibrate",
+        help="recalibrate a bundle's anomaly scores from its ONNX files (no checkpoint needed)",
+        formatter_class=HelpFormatter,
+    )
+    p.add_argument("bundle", type=Path, help="the bundle directory; its manifest.json is rewritten")
+    p.add_argument("--data", help="the bundle's training data (default: its manifest's source)")
+    p.add_argument("--version", help="new bundle version (default: unchanged)")
+    p.add_argument("--calibration-k", type=int, default=64, help="k for the -IWAE score table")
+    _default_score_option(p)
     _common(p)
 
 
@@ -312,6 +332,29 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    """Recompute the bundle's validation split from its manifest and calibrate on it."""
+    manifest = json.loads((args.bundle / "manifest.json").read_text())
+    data, source = manifest["data"], args.data or manifest["data"].get("source")
+    if not source:
+        raise ValueError(f"{args.bundle}/manifest.json names no data source; pass --data")
+    full = data_mod.load(source, "train", manifest["image"]["channels"])
+    if data.get("classes"):
+        full = data_mod.filter_classes(full, data["classes"])
+    _, val = data_mod.split_validation(full, int(data["val_images"]), manifest["training"]["seed"])
+    calibration = calibrate(
+        args.bundle,
+        val.images.numpy(),
+        f"validation split of {source}, raw intensities",
+        k=args.calibration_k,
+        seed=args.seed,
+        default_score=args.default_score,
+    )
+    write_calibration(args.bundle, calibration, args.version)
+    log.info("calibrated %s: default score %s", args.bundle, calibration["default_score"])
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -333,6 +376,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     sub = parser.add_subparsers(dest="command", required=True)
     train_parser = _train_parser(sub)
     _export_parser(sub)
+    _calibrate_parser(sub)
     _evaluate_parser(sub)
     return parser, train_parser
 
@@ -360,9 +404,13 @@ def main(argv: list[str] | None = None) -> int:
     # the exporter lists torchvision's operators, which a VAE never uses
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     try:
-        return {"train": cmd_train, "export": cmd_export, "evaluate": cmd_evaluate}[args.command](
-            args
-        )
+        commands = {
+            "train": cmd_train,
+            "export": cmd_export,
+            "calibrate": cmd_calibrate,
+            "evaluate": cmd_evaluate,
+        }
+        return commands[args.command](args)
     except (data_mod.DataError, ValueError, FileNotFoundError, FileExistsError) as e:
         log.error("%s", e)
         return 2

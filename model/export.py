@@ -20,13 +20,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from model.calibrate import calibrate
 from model.networks import VAE
-from model.objective import blur_recon_rel, elbo, iwae
 
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
-PERCENTILES = [round(0.1 * i, 1) for i in range(1001)]  # 0, 0.1, ..., 100
 MAX_ABS_ERROR = 1e-4
 
 
@@ -103,69 +102,6 @@ def check_onnx(model: VAE, directory: Path, batch: int = 7, seed: int = 0) -> fl
     return err
 
 
-@torch.no_grad()
-def anomaly_scores(
-    model: VAE, x: torch.Tensor, samples: int = 1, k: int = 64, seed: int = 0, batch: int = 500
-) -> dict[str, np.ndarray]:
-    """-ELBO (S samples), -IWAE (k samples), the squared reconstruction error at z = mu and
-    blur_recon_rel per image, on raw intensities, as the server computes them."""
-    g = torch.Generator().manual_seed(seed)
-    cfg, sigma = model.cfg, model.log_sigma.exp()
-    neg_elbo, neg_iwae, recon_error, blur_rel = [], [], [], []
-    for i in range(0, len(x), batch):
-        xb = x[i : i + batch]
-        mu, logvar = model.encode(xb)
-        eps = torch.randn((samples, *mu.shape), generator=g)
-        neg_elbo.append(-elbo(model.decode, xb, mu, logvar, eps, cfg.likelihood, sigma).elbo)
-        eps = torch.randn((k, *mu.shape), generator=g)
-        neg_iwae.append(-iwae(model.decode, xb, mu, logvar, eps, cfg.likelihood, sigma, chunk=16))
-        mean = model.decode(mu)
-        if cfg.likelihood == "bernoulli":
-            mean = torch.sigmoid(mean)
-        recon_error.append((xb - mean).pow(2).flatten(1).sum(1))
-        blur_rel.append(blur_recon_rel(xb, mean))
-    return {
-        "neg_elbo": torch.cat(neg_elbo).numpy(),
-        "neg_iwae": torch.cat(neg_iwae).numpy(),
-        "recon_error": torch.cat(recon_error).numpy(),
-        "blur_recon_rel": torch.cat(blur_rel).numpy(),
-    }
-
-
-SCORES = ("neg_elbo", "neg_iwae", "recon_error", "blur_recon_rel")
-
-
-def calibrate(
-    model: VAE,
-    x: torch.Tensor,
-    description: str,
-    samples: int = 1,
-    k: int = 64,
-    seed: int = 0,
-    default_score: str = "neg_elbo",
-) -> dict[str, Any]:
-    """Quantiles of each anomaly score on held-out normal images (docs/BUNDLE.md)."""
-    if default_score not in SCORES:
-        raise ValueError(f"default score must be one of {SCORES}, got {default_score!r}")
-    scores = anomaly_scores(model, x, samples=samples, k=k, seed=seed)
-
-    def table(s: np.ndarray) -> dict[str, Any]:
-        return {"percentiles": PERCENTILES, "values": np.percentile(s, PERCENTILES).tolist()}
-
-    return {
-        "data": description,
-        "images": len(x),
-        "default_score": default_score,
-        "threshold_percentile": 99.0,
-        "scores": {
-            "neg_elbo": {"samples": samples, "seed": seed, **table(scores["neg_elbo"])},
-            "neg_iwae": {"k": k, "seed": seed, **table(scores["neg_iwae"])},
-            "recon_error": table(scores["recon_error"]),
-            "blur_recon_rel": table(scores["blur_recon_rel"]),
-        },
-    }
-
-
 def export_bundle(
     model: VAE,
     out: Path,
@@ -178,10 +114,14 @@ def export_bundle(
     metrics: dict[str, Any] | None = None,
     calibration_description: str = "held-out validation images, raw intensities",
     calibration_k: int = 64,
-    default_score: str = "neg_elbo",
+    default_score: str | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """Write the bundle into a temporary sibling of `out` and rename it into place."""
+    """Write the bundle into a temporary sibling of `out` and rename it into place.
+
+    The calibration (model/calibrate.py) runs on the written ONNX files, as the server will, and
+    chooses the default score unless `default_score` names one.
+    """
     model = model.cpu().eval()
     out = Path(out)
     if out.exists() and not overwrite:
@@ -223,14 +163,15 @@ def export_bundle(
                 f: {"sha256": sha256(tmp / f), "bytes": (tmp / f).stat().st_size}
                 for f in ("encoder.onnx", "decoder.onnx")
             },
-            "calibration": calibrate(
-                model,
-                calibration_images,
-                calibration_description,
-                k=calibration_k,
-                default_score=default_score,
-            ),
         }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        manifest["calibration"] = calibrate(
+            tmp,
+            calibration_images.numpy(),
+            calibration_description,
+            k=calibration_k,
+            default_score=default_score,
+        )
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         if out.exists():
             old = out.with_name(f".{out.name}.old")

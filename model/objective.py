@@ -148,14 +148,39 @@ def iwae_dreg(
     return (w * log_w).sum(dim=0), bound
 
 
-def blur_recon_rel(x: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
-    """`sum(blur(x - mean)^2) / (sum(x) + 1)` per image, blur = 5x5 binomial, zero padding 2.
+def squared_error(x: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """`sum((x - mean)^2)` per image, `x, mean (B, C, H, W)` -> `(B,)`; the score recon_error."""
+    return (x - mean).pow(2).flatten(1).sum(1)
 
-    `x, mean (B, C, H, W)`; the anomaly score `blur_recon_rel` (docs/BUNDLE.md), as a 2D
-    convolution here and a separable filter in service/objective.py.
-    """
-    taps = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0], dtype=x.dtype) / 16.0
-    channels = x.shape[1]
+
+def blur(a: torch.Tensor) -> torch.Tensor:
+    """`(B, C, H, W)` filtered per channel by the 5x5 binomial kernel, zero padding 2, same size;
+    a 2D convolution here and a separable filter in service/objective.py."""
+    taps = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0], dtype=a.dtype, device=a.device) / 16.0
+    channels = a.shape[1]
     kernel = torch.outer(taps, taps).expand(channels, 1, 5, 5)
-    err = F.conv2d(x - mean, kernel, padding=2, groups=channels)
-    return err.pow(2).flatten(1).sum(1) / (x.flatten(1).sum(1) + 1.0)
+    return F.conv2d(a, kernel, padding=2, groups=channels)
+
+
+def blur_recon_rel(x: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """`sum(blur(x - mean)^2) / (sum(x) + 1)` per image: the score blur_recon_rel (bundles of
+    2.0 and before chose it by name; it assumes bright strokes on a dark background)."""
+    return blur(x - mean).pow(2).flatten(1).sum(1) / (x.flatten(1).sum(1) + 1.0)
+
+
+def contrast(x: torch.Tensor) -> torch.Tensor:
+    """`sum |x - median(x)|` per image, the median per channel (numpy's: the two middle values'
+    mean), `(B, C, H, W)` -> `(B,)`: how far an image is from its own background."""
+    background = torch.quantile(x.flatten(2), 0.5, dim=-1)[..., None, None]  # (B, C, 1, 1)
+    return (x - background).abs().flatten(1).sum(1)
+
+
+def anomaly_map(x: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """Per-pixel terms of blur_recon_contrast, `(B, C, H, W)` -> `(B, H, W)`."""
+    return blur(x - mean).pow(2).sum(1) / (contrast(x) + 1.0)[:, None, None]
+
+
+def blur_recon_contrast(x: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """`sum(blur(x - mean)^2) / (contrast(x) + 1)` per image: the default anomaly score of a new
+    bundle (service/objective.py says why)."""
+    return anomaly_map(x, mean).flatten(1).sum(1)

@@ -7,11 +7,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import numpy as np
 import onnxruntime as ort
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 
 from service.memory import trim
 from service.settings import Device
@@ -29,7 +36,22 @@ MAX_DECODE_ROWS = 8192
 Array = np.ndarray[Any, np.dtype[np.float32]]
 
 
-ScoreName = Literal["neg_elbo", "neg_iwae", "recon_error", "blur_recon_rel"]
+# The anomaly scores this server computes (service/objective.py); a manifest naming another is
+# refused with a message naming it.
+ScoreName = Literal["neg_elbo", "neg_iwae", "recon_error", "blur_recon_rel", "blur_recon_contrast"]
+SCORE_NAMES: tuple[str, ...] = get_args(ScoreName)
+
+
+def _known_score(name: object) -> object:
+    if isinstance(name, str) and name not in SCORE_NAMES:
+        raise ValueError(
+            f"unknown anomaly score {name!r}: this server knows {', '.join(SCORE_NAMES)} "
+            "(was the bundle exported by a newer version?)"
+        )
+    return name
+
+
+KnownScore = Annotated[ScoreName, BeforeValidator(_known_score)]
 
 
 class BundleError(RuntimeError):
@@ -87,15 +109,31 @@ class ScoreCalibration(BaseModel):
         return len(self.values) > 0
 
 
+class FalsePositiveRate(BaseModel):
+    """The default threshold's false-positive rate on held-out normal images not in the tables."""
+
+    model_config = ConfigDict(extra="allow")
+
+    score: KnownScore
+    threshold: float
+    rate: float = Field(ge=0.0, le=1.0)
+    images: int = Field(ge=1)
+
+
 class Calibration(BaseModel):
-    """Anomaly-score calibration written by the exporter."""
+    """Anomaly-score calibration written by the exporter (bundles before 2.1 have no
+    false_positive_rate or selection)."""
 
     model_config = ConfigDict(extra="allow")
 
     data: str | None = None
-    default_score: ScoreName = "neg_elbo"
+    default_score: KnownScore = "neg_elbo"
     threshold_percentile: float = Field(default=99.0, ge=0.0, le=100.0)
-    scores: dict[ScoreName, ScoreCalibration] = {}
+    false_positive_rate: FalsePositiveRate | None = None
+    selection: dict[str, Any] | None = Field(
+        default=None, description="how the default score was chosen, and the figures"
+    )
+    scores: dict[KnownScore, ScoreCalibration] = {}
 
 
 class Manifest(BaseModel):

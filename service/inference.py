@@ -15,7 +15,7 @@ import secrets
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypedDict, TypeVar, Unpack
+from typing import Any, NotRequired, TypedDict, TypeVar, Unpack
 
 import numpy as np
 from starlette.concurrency import run_in_threadpool
@@ -64,15 +64,17 @@ class EvaluateOptions(TypedDict):
     score: ScoreName
     score_draws: int
     seed: int
+    anomaly_map: NotRequired[bool]
 
 
 @dataclass(frozen=True)
 class Evaluation:
-    """Per-image results of scoring a batch, each `(B,)`."""
+    """Per-image results of scoring a batch, each `(B,)`; `anomaly_map` `(B, H, W)` if asked."""
 
     terms: objective.ElboTerms
     iwae: F64 | None
     score: F64
+    anomaly_map: F64 | None = None
 
 
 @dataclass(frozen=True)
@@ -292,21 +294,28 @@ class Model:
 
     def log_px(self, x: F32, z: F32) -> F64:
         """log p(x|z) for `x (B, C, H, W)` and `z (N, B, D)` -> `(N, B)`, in bounded chunks."""
-        return self._drive(self._log_px(x, z))
+        return self._drive(self._log_px(x, z))[0]
 
-    def _log_px(self, x: F32, z: F32) -> Steps[F64]:
+    def _log_px(self, x: F32, z: F32, mu: F32 | None = None) -> Steps[tuple[F64, F32 | None]]:
+        """`log_px (N, B)` and, given `mu (B, D)`, the decoder's output at `z = mu`, decoded in
+        the first call with the samples' (one network round trip less for a request)."""
         n, b, d = z.shape
         per_call = max(1, MAX_DECODE_ROWS // b)  # whole samples per decoder call
-        chunks = []
+        chunks, at_mu = [], None
         for start in range(0, n, per_call):
             zs = z[start : start + per_call]
-            (out,) = yield "decoder", zs.reshape(-1, d)
+            rows = zs.reshape(-1, d)
+            if start == 0 and mu is not None:
+                (out,) = yield "decoder", np.concatenate([rows, mu])
+                out, at_mu = out[: len(rows)], out[len(rows) :]
+            else:
+                (out,) = yield "decoder", rows
             chunks.append(
                 objective.log_likelihood(
                     x, out.reshape(len(zs), *x.shape), self.manifest.likelihood, self.manifest.sigma
                 )
             )
-        return np.concatenate(chunks)
+        return np.concatenate(chunks), at_mu
 
     def evaluate(self, x: F32, **options: Unpack[EvaluateOptions]) -> Evaluation:
         """ELBO with `samples` draws, IWAE with `k` (if given) and the anomaly score
@@ -348,6 +357,7 @@ class Model:
         score: ScoreName,
         score_draws: int,
         seed: int,
+        anomaly_map: bool = False,
     ) -> Steps[Evaluation]:
         """`evaluate` as steps: it yields each network call it needs, `(network, rows)`, and is
         sent that call's outputs, so one body of math serves the thread and the event loop."""
@@ -357,22 +367,21 @@ class Model:
         n = max(samples, k or 0, score_draws)
         eps = draw_eps(seed, (n, b, self.manifest.latent_dim))
         z = objective.reparameterize(mu, logvar, eps)  # (n, B, D)
-        log_px = yield from self._log_px(x, z)  # (n, B)
+        at_mu = score in objective.RECONSTRUCTION_SCORES or anomaly_map
+        log_px, decoded = yield from self._log_px(x, z, mu if at_mu else None)  # (n, B)
 
         terms = objective.elbo(log_px[:samples], kl)
         iwae = objective.iwae(log_px[:k], z[:k], mu, logvar) if k else None
+        mean = self._mean(decoded) if decoded is not None else None  # decoder's mean at z = mu
         if score == "neg_elbo":
             values = -objective.elbo(log_px[:score_draws], kl).elbo
         elif score == "neg_iwae":
             values = -objective.iwae(log_px[:score_draws], z[:score_draws], mu, logvar)
-        else:  # recon_error, blur_recon_rel: deterministic, the decoder's mean at z = mu
-            (decoded,) = yield "decoder", mu
-            mean = self._mean(decoded)
-            if score == "recon_error":
-                values = objective.squared_error(x, mean)
-            else:
-                values = objective.blur_recon_rel(x, mean)
-        return Evaluation(terms=terms, iwae=iwae, score=values)
+        else:  # deterministic: a function of x and the decoder's mean at z = mu
+            assert mean is not None
+            values = objective.RECONSTRUCTION_SCORES[score](x, mean)
+        heat = objective.anomaly_map(x, mean) if anomaly_map and mean is not None else None
+        return Evaluation(terms=terms, iwae=iwae, score=values, anomaly_map=heat)
 
     def reconstruct(self, x: F32) -> F32:
         """The decoder's mean at `z = mu`, `(B, C, H, W)`: what the model makes of each image."""

@@ -7,6 +7,7 @@ value is in nats, summed over pixels and latent dimensions, one number per image
 """
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -125,6 +126,42 @@ def blur_recon_rel(x: F32, mean: F32) -> F64:
     return score
 
 
+def contrast(x: F32) -> F64:
+    """`sum |x - median(x)|` per image, the median per channel: `(B, C, H, W)` -> `(B,)`.
+
+    How far an image is from its own background, whatever its polarity: the ink of a
+    white-on-black digit, and as much for the same digit black-on-white; in two colours, the ink
+    times the colours' difference summed over channels.
+    """
+    b, c = x.shape[:2]
+    background = np.median(x.reshape(b, c, -1), axis=-1)[:, :, None, None]  # (B, C, 1, 1)
+    total: F64 = np.sum(np.abs(x - background), axis=IMAGE_AXES, dtype=np.float64)
+    return total
+
+
+def anomaly_map(x: F32, mean: F32) -> F64:
+    """Per-pixel terms of `blur_recon_contrast`: `sum_c blur(x - mean)^2 / (contrast(x) + 1)`.
+
+    `x, mean (B, C, H, W)` -> `(B, H, W)`; each map sums to the image's blur_recon_contrast.
+    """
+    err = np.sum(np.square(blur(x - mean)), axis=1, dtype=np.float64)  # (B, H, W)
+    heat: F64 = err / (contrast(x) + 1.0)[:, None, None]
+    return heat
+
+
+def blur_recon_contrast(x: F32, mean: F32) -> F64:
+    """`sum(blur(x - mean)^2) / (contrast(x) + 1)` per image -> `(B,)`: the default score.
+
+    `mean` is the decoder's mean at `z = mu`. The blurred error forgives strokes shifted by a
+    pixel or two; dividing by the image's contrast against its own background (not by its ink,
+    as blur_recon_rel does) keeps the score independent of polarity, and a blank or
+    near-blank image, which has almost no contrast, gets a high score instead of the likelihood's
+    low one (Nalisnick et al. 2019). docs/BUNDLE.md and BENCHMARKS.md section 2 give the evidence.
+    """
+    score: F64 = np.sum(anomaly_map(x, mean), axis=(-2, -1))
+    return score
+
+
 def likelihood_mean(out: F32, likelihood: Likelihood) -> F32:
     """The mean of p(x|z) from the decoder output: sigmoid(logits) or the Gaussian mean."""
     if likelihood == "bernoulli":
@@ -133,6 +170,17 @@ def likelihood_mean(out: F32, likelihood: Likelihood) -> F32:
         np.exp(mean, out=mean)
         return mean.astype(np.float32, copy=False)
     return out
+
+
+ReconstructionScore = Callable[[F32, F32], F64]
+# Scores of an image and the decoder's mean at z = mu, by name (bundle.ScoreName lists these and
+# the two likelihood bounds, neg_elbo and neg_iwae). Adding a score: a pure function here, its
+# torch twin in model/objective.py, a name in bundle.ScoreName and an entry below.
+RECONSTRUCTION_SCORES: dict[str, ReconstructionScore] = {
+    "recon_error": squared_error,
+    "blur_recon_rel": blur_recon_rel,
+    "blur_recon_contrast": blur_recon_contrast,
+}
 
 
 def percentile_of(score: F64, percentiles: list[float], values: list[float]) -> F64:

@@ -241,6 +241,11 @@ class ElboResult(BaseModel):
     is_anomaly: bool | None = Field(
         default=None, description="anomaly_score > threshold; null without one"
     )
+    anomaly_map: list[list[float]] | str | None = Field(
+        default=None,
+        description="with map=array, the (H, W) per-pixel terms of blur_recon_contrast (they sum "
+        "to that score); with map=png, a base64 PNG heat map of them over the image",
+    )
 
 
 def json_response(model: type[BaseModel], payload: dict[str, Any]) -> Response:
@@ -263,8 +268,8 @@ class ElboPublic(BaseModel):
     seed: int
     score: Score
     score_draws: int = Field(
-        description="samples (neg_elbo) or k (neg_iwae) behind the score; 0 for recon_error "
-        "and blur_recon_rel"
+        description="samples (neg_elbo) or k (neg_iwae) behind the score; 0 for the scores "
+        "of the reconstruction (recon_error, blur_recon_rel, blur_recon_contrast)"
     )
     threshold: float | None
     threshold_source: Literal["request", "settings", "manifest"] | None

@@ -50,6 +50,12 @@ class Settings(BaseSettings):
     max_samples: int = Field(
         default=100, ge=1, le=100_000, description="largest ELBO samples for /elbo"
     )
+    max_map_pixels: int = Field(
+        default=512 * 512,
+        ge=1,
+        le=1 << 26,
+        description="largest images x height x width of one /elbo request asking for map",
+    )
     strict_size: bool = Field(
         default=False, description="reject images whose size differs from the model"
     )

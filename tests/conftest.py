@@ -54,6 +54,7 @@ def _tiny_bundle(out: Path, likelihood: str) -> Path:
         data={"source": "synthetic strokes", "classes": None},
         calibration_description="64 synthetic stroke images",
         calibration_k=8,
+        default_score="neg_elbo",  # what the service tests assume; selection: test_calibrate.py
     )
 
 

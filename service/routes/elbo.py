@@ -1,6 +1,6 @@
 """POST /elbo: images -> ELBO, IWAE and an anomaly verdict against the bundle's calibration."""
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Request, Response
 
@@ -12,7 +12,8 @@ from service.deps import (
     read_images,
 )
 from service.inference import MAX_SEED, EvaluateOptions, Evaluation, Model
-from service.objective import percentile_of, value_at
+from service.objective import F64, RECONSTRUCTION_SCORES, percentile_of, value_at
+from service.rendering import heat_png
 from service.schemas import ElboPublic, Score, json_response
 from service.settings import Settings
 
@@ -23,7 +24,7 @@ ThresholdSource = Literal["request", "settings", "manifest"]
 
 def score_draws(model: Model, score: Score, samples: int, k: int | None) -> int:
     """Draws behind the anomaly score: the calibration's, so scores compare with its table."""
-    if score in ("recon_error", "blur_recon_rel"):
+    if score in RECONSTRUCTION_SCORES:
         return 0  # deterministic: the decoder's mean at z = mu
     table = model.manifest.score_table(score)
     if score == "neg_elbo":
@@ -69,6 +70,10 @@ async def elbo(
         float | None,
         Query(allow_inf_nan=False, description="anomaly threshold on the score for this request"),
     ] = None,
+    heat: Annotated[
+        Literal["array", "png"] | None,
+        Query(alias="map", description="also return a per-pixel anomaly map, as arrays or PNGs"),
+    ] = None,
 ) -> Response:
     """Score images: ELBO and its terms, optional IWAE, anomaly score, percentile and verdict."""
     model, settings = served.model, served.settings
@@ -77,10 +82,20 @@ async def elbo(
         raise over_limit(("query", "samples"), samples, settings.max_samples, "VAE_MAX_SAMPLES")
     if k is not None and k > settings.max_k:
         raise over_limit(("query", "k"), k, settings.max_k, "VAE_MAX_K")
+    if heat and x.size // x.shape[1] > settings.max_map_pixels:
+        pixels = x.size // x.shape[1]
+        raise over_limit(("query", "map"), pixels, settings.max_map_pixels, "VAE_MAX_MAP_PIXELS")
     chosen = score or model.manifest.default_score
     draws = score_draws(model, chosen, samples, k)
     limit, source = threshold_for(model, settings, chosen, threshold)
     table = model.manifest.score_table(chosen)
+
+    def maps(values: F64 | None) -> list[Any]:
+        if values is None:
+            return [None] * len(x)
+        if heat == "png":
+            return [heat_png(image, m) for image, m in zip(x, values, strict=True)]
+        return values.tolist()  # type: ignore[no-any-return]
 
     def respond(result: Evaluation) -> Response:
         n, scores = len(x), result.score
@@ -99,6 +114,7 @@ async def elbo(
             "anomaly_score": scores.tolist(),
             "percentile": percentiles,
             "is_anomaly": (scores > limit).tolist() if limit is not None else [None] * n,
+            "anomaly_map": maps(result.anomaly_map),
         }
         names = list(columns)
         rows = [dict(zip(names, row, strict=True)) for row in zip(*columns.values(), strict=True)]
@@ -120,6 +136,7 @@ async def elbo(
         "score": chosen,
         "score_draws": draws,
         "seed": seed,
+        "anomaly_map": heat is not None,
     }
     rows = len(x) * max(samples, k or 0, draws, 1)
     if model.gathers(rows):  # small: network calls gathered, the math on the event loop

@@ -67,8 +67,8 @@ async function loadModelInfo() {
   }
 }
 
-// Score: /elbo for the numbers, /reconstruct for the pictures (the input converted and resized
-// as the model saw it, and its reconstruction), in parallel.
+// Score: /elbo for the numbers and the anomaly map, /reconstruct for the pictures (the input
+// converted and resized as the model saw it, and its reconstruction), in parallel.
 async function scoreFile(file) {
   const status = $("score-status");
   if (!file) return;
@@ -80,12 +80,13 @@ async function scoreFile(file) {
   };
   try {
     const [elbo, reconstruction] = await Promise.all([
-      api("/elbo", { method: "POST", body: form() }).then((r) => r.json()),
+      api("/elbo?map=png", { method: "POST", body: form() }).then((r) => r.json()),
       api("/reconstruct?inputs=true", { method: "POST", body: form() }).then((r) => r.json()),
     ]);
     const result = elbo.results[0];
     $("score-input").src = pngDataUrl(reconstruction.inputs[0]);
     $("score-reconstruction").src = pngDataUrl(reconstruction.images[0]);
+    $("score-map").src = pngDataUrl(result.anomaly_map);
     $("score-elbo").textContent = result.elbo.toFixed(2);
     $("score-percentile").textContent =
       result.percentile === null ? "no calibration" : `${result.percentile.toFixed(1)}`;
@@ -101,8 +102,8 @@ async function scoreFile(file) {
       verdict.classList.add("normal");
     }
     $("score-result").hidden = false;
-    const threshold = elbo.threshold === null ? "" : `, threshold ${elbo.threshold.toFixed(2)}`;
-    setStatus(status, `${file.name}: anomaly score ${result.anomaly_score.toFixed(2)} ` +
+    const threshold = elbo.threshold === null ? "" : `, threshold ${elbo.threshold.toPrecision(3)}`;
+    setStatus(status, `${file.name}: anomaly score ${result.anomaly_score.toPrecision(3)} ` +
       `(${elbo.score}${threshold})`);
   } catch (error) {
     setStatus(status, error.message, true);

@@ -131,12 +131,13 @@ def test_the_demo_page(
     float(p.text_content("#score-percentile") or "")
     if bundle == e2e.DEFAULT_BUNDLE:  # the tiny bundle knows strokes, not digits
         assert p.text_content("#score-verdict") == "Normal"
-    loaded(p, "#score-input, #score-reconstruction")
+    loaded(p, "#score-input, #score-reconstruction, #score-map")
     # the input as the model saw it: converted and resized to the model's size, not the upload
     width, height = manifest["image"]["width"], manifest["image"]["height"]
     assert p.evaluate("document.getElementById('score-input').naturalWidth") == width
     assert p.evaluate("document.getElementById('score-input').naturalHeight") == height
     assert f"({width}×{height})" in (p.text_content("#score-input-caption") or "")
+    assert p.evaluate("document.getElementById('score-map').naturalWidth") == width
 
     # sample: a PNG grid for the seed and temperature asked for
     p.fill("#sample-seed", "7")

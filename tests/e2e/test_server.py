@@ -229,3 +229,28 @@ def test_start_up_failures_are_clear(tiny_bundle: Path, tmp_path: Path) -> None:
     assert cuda.returncode == 2
     assert "device cuda asked for, but onnxruntime has no CUDAExecutionProvider" in output
     assert "(set by --device)" in output
+
+
+def test_the_shipped_default_calls_blank_and_inverted_images_anomalous(
+    server: httpx.Client, bundle: Path, digits: np.ndarray
+) -> None:
+    """The likelihood trap: -ELBO calls a blank image more normal than a digit; the default not."""
+    if bundle != DEFAULT_BUNDLE:
+        pytest.skip("the shipped bundle's default score; the tiny bundle knows only strokes")
+    blank = np.zeros((28, 28), dtype=np.uint8)
+    dot = blank.copy()
+    dot[14, 14] = 255
+    images = [blank, np.full((28, 28), 255, np.uint8), dot, 255 - digits[0], digits[0]]
+    uploads = [("images", (f"{i}.png", png(d), "image/png")) for i, d in enumerate(images)]
+    response = server.post("/elbo", files=uploads, params={"map": "array"})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["score"] == "blur_recon_contrast"
+    *odd, digit = body["results"]
+    assert [r["is_anomaly"] for r in odd] == [True] * 4 and digit["is_anomaly"] is False
+    assert min(r["anomaly_score"] for r in odd) > 2 * body["threshold"]
+    assert -odd[0]["elbo"] < -digit["elbo"]  # what -ELBO would have said of the blank image
+    heat = np.asarray(odd[2]["anomaly_map"])  # the dot: the map is hot around it
+    assert heat.shape == (28, 28) and np.unravel_index(heat.argmax(), heat.shape) in [
+        (r, c) for r in range(12, 17) for c in range(12, 17)
+    ]

@@ -23,6 +23,7 @@ LIMITS = {
     "max_sample_n": 10,
     "max_k": 20,
     "max_samples": 5,
+    "max_map_pixels": 2 * 28 * 28,
 }
 PNG = encode(stroke())
 IMAGE_ROUTES = ["/encode", "/elbo", "/reconstruct"]
@@ -318,9 +319,10 @@ def test_bad_sample(limited: TestClient, params: dict, expected: str) -> None:
         ({"samples": 0}, "query.samples: Input should be greater than or equal to 1"),
         (
             {"score": "psnr"},
-            "query.score: Input should be 'neg_elbo', 'neg_iwae', 'recon_error' or "
-            "'blur_recon_rel'",
+            "query.score: Input should be 'neg_elbo', 'neg_iwae', 'recon_error', "
+            "'blur_recon_rel' or 'blur_recon_contrast'",
         ),
+        ({"map": "jpeg"}, "query.map: Input should be 'array' or 'png'"),
         ({"threshold": "nan"}, "query.threshold: Input should be a finite number"),
         ({"threshold": "-inf"}, "query.threshold: Input should be a finite number"),
         ({"seed": "x"}, "query.seed: Input should be a valid integer"),
@@ -328,6 +330,15 @@ def test_bad_sample(limited: TestClient, params: dict, expected: str) -> None:
 )
 def test_bad_elbo_parameters(limited: TestClient, params: dict, expected: str) -> None:
     check(limited.post("/elbo", params=params, files=files(PNG)), 422, expected)
+
+
+def test_map_over_its_limit_names_the_setting(limited: TestClient) -> None:
+    assert limited.post("/elbo", params={"map": "png"}, files=files(PNG, PNG)).status_code == 200
+    check(
+        limited.post("/elbo", params={"map": "array"}, files=files(PNG, PNG, PNG)),
+        422,
+        "query.map: Input should be less than or equal to 1568 (VAE_MAX_MAP_PIXELS); got 2352",
+    )
 
 
 @pytest.mark.parametrize(

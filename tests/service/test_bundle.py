@@ -180,3 +180,38 @@ def test_start_up_with_cuda_on_a_cpu_machine_fails(tiny_bundle: Path) -> None:
     app = create_app(Settings(bundle=tiny_bundle, device="cuda"))
     with pytest.raises(BundleError, match="device cuda asked for"), TestClient(app):
         pass
+
+
+def _with_calibration(tiny_bundle: Path, out: Path, **changes: object) -> Path:
+    calibration = json.loads((tiny_bundle / "manifest.json").read_text())["calibration"]
+    return rewrite_manifest(tiny_bundle, out, calibration={**calibration, **changes})
+
+
+@pytest.mark.parametrize("where", ["default_score", "scores"])
+def test_start_up_refuses_an_unknown_score_by_name(
+    tiny_bundle: Path, tmp_path: Path, where: str
+) -> None:
+    calibration = json.loads((tiny_bundle / "manifest.json").read_text())["calibration"]
+    if where == "default_score":
+        bundle = _with_calibration(tiny_bundle, tmp_path / "b", default_score="likelihood_regret")
+    else:
+        scores = {**calibration["scores"], "likelihood_regret": calibration["scores"]["neg_elbo"]}
+        bundle = _with_calibration(tiny_bundle, tmp_path / "b", scores=scores)
+    with (
+        pytest.raises(BundleError, match=r"unknown anomaly score 'likelihood_regret': this server"),
+        TestClient(create_app(Settings(bundle=bundle))),
+    ):
+        pass
+
+
+def test_a_bundle_from_before_the_selection_keeps_its_default(
+    tiny_bundle: Path, tmp_path: Path
+) -> None:
+    calibration = json.loads((tiny_bundle / "manifest.json").read_text())["calibration"]
+    del calibration["selection"], calibration["false_positive_rate"]
+    calibration["default_score"] = "recon_error"
+    bundle = rewrite_manifest(tiny_bundle, tmp_path / "old", calibration=calibration)
+    with TestClient(create_app(Settings(bundle=bundle))) as client:
+        assert client.get("/model").json()["calibration"]["false_positive_rate"] is None
+        response = client.post("/elbo", json={"pixels": [[[0.5] * 28] * 28]})
+        assert response.status_code == 200 and response.json()["score"] == "recon_error"

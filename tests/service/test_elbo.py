@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import base64
+import io
 from pathlib import Path
 
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from PIL import Image
 
 from service import objective
 from service.bundle import read_manifest
@@ -24,6 +27,7 @@ FIELDS = {
     "anomaly_score",
     "percentile",
     "is_anomaly",
+    "anomaly_map",
 }
 
 
@@ -124,7 +128,7 @@ def test_gaussian_bundle(gaussian_client: TestClient) -> None:
     assert np.isfinite([result["elbo"], result["iwae"], result["percentile"]]).all()
 
 
-@pytest.mark.parametrize("score", ["recon_error", "blur_recon_rel"])
+@pytest.mark.parametrize("score", ["recon_error", "blur_recon_rel", "blur_recon_contrast"])
 @pytest.mark.parametrize("which", ["client", "gaussian_client"])
 def test_reconstruction_scores(which: str, score: str, request: pytest.FixtureRequest) -> None:
     client: TestClient = request.getfixturevalue(which)
@@ -140,7 +144,32 @@ def test_reconstruction_scores(which: str, score: str, request: pytest.FixtureRe
     x = np.asarray(pixels)[:, None]
     if score == "recon_error":
         expected = ((x - mean) ** 2).sum(axis=(1, 2, 3))
-    else:
+    elif score == "blur_recon_rel":
         expected = _blur_recon_rel_by_loops(x, mean)
+    else:  # the same blurred error over the contrast against the median instead of the ink
+        ink, contrast = x.sum(axis=(1, 2, 3)), np.abs(x - np.median(x, axis=(2, 3), keepdims=True))
+        expected = (
+            _blur_recon_rel_by_loops(x, mean) * (ink + 1) / (contrast.sum(axis=(1, 2, 3)) + 1)
+        )
     scores = [r["anomaly_score"] for r in _results(response)]
     np.testing.assert_allclose(scores, expected, rtol=1e-4)
+
+
+def test_anomaly_maps(client: TestClient) -> None:
+    pixels = [stroke().tolist(), noise().tolist()]
+    params = {"score": "blur_recon_contrast", "map": "array"}
+    results = _results(client.post("/elbo", params=params, json={"pixels": pixels}))
+    recon = client.post("/reconstruct", params={"format": "arrays"}, json={"pixels": pixels})
+    mean = np.asarray(recon.json()["arrays"], dtype=np.float32)
+    expected = objective.anomaly_map(np.asarray(pixels, dtype=np.float32)[:, None], mean)
+    for result, heat in zip(results, expected, strict=True):
+        got = np.asarray(result["anomaly_map"])
+        assert got.shape == (28, 28)
+        np.testing.assert_allclose(got, heat, rtol=1e-4, atol=1e-9)
+        assert got.sum() == pytest.approx(result["anomaly_score"], rel=1e-4)  # its terms
+    # as PNG heat maps over the input, with any score; without map, none
+    results = _results(client.post("/elbo", params={"map": "png"}, json={"pixels": pixels}))
+    for result in results:
+        image = Image.open(io.BytesIO(base64.b64decode(result["anomaly_map"])))
+        assert image.format == "PNG" and image.mode == "RGB" and image.size == (28, 28)
+    assert _results(client.post("/elbo", json={"pixels": pixels}))[0]["anomaly_map"] is None

@@ -199,3 +199,39 @@ def test_blur_recon_rel_by_hand_and_against_torch() -> None:
     np.testing.assert_allclose(
         model_objective.blur_recon_rel(t(x), t(mean)).numpy(), expected, rtol=1e-5
     )
+
+
+def test_blur_recon_contrast_by_hand() -> None:
+    # one unit pixel on a black 9x9 image: the median is 0, the contrast 1, the blurred error
+    # (70/256)^2 as for blur_recon_rel; on a white image with one black pixel, the same
+    x = np.zeros((2, 1, 9, 9), dtype=np.float32)
+    x[0, 0, 4, 4] = 1.0
+    x[1] = 1.0 - x[0]
+    mean = x.copy()
+    mean[:, 0, 4, 4] = 1.0 - mean[:, 0, 4, 4]  # reconstructions that miss that pixel
+    expected = (70 / 256) ** 2 / 2
+    np.testing.assert_allclose(objective.blur_recon_contrast(x, mean), [expected] * 2, rtol=1e-6)
+    heat = objective.anomaly_map(x, mean)
+    assert heat.shape == (2, 9, 9)
+    np.testing.assert_allclose(heat.sum(axis=(1, 2)), [expected] * 2, rtol=1e-6)
+    assert np.unravel_index(np.argmax(heat[0]), (9, 9)) == (4, 4)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_blur_recon_contrast_ignores_polarity_scales_with_colours(
+    channels: int,
+) -> None:
+    rng = np.random.default_rng(5)
+    ink = (rng.random((3, 1, 16, 16)) < 0.2).astype(np.float32)
+    mean = np.clip(ink + 0.1 * rng.standard_normal(ink.shape), 0, 1).astype(np.float32)
+    plain = objective.blur_recon_contrast(ink, mean)
+    # the same images and reconstructions inverted, or in two colours 0.8 apart per channel
+    np.testing.assert_allclose(objective.blur_recon_contrast(1 - ink, 1 - mean), plain, rtol=1e-5)
+    bg = np.full((1, channels, 1, 1), 0.1, np.float32)
+    coloured = objective.blur_recon_contrast(bg + 0.8 * ink, bg + 0.8 * mean)
+    # error scales with 0.8^2 per channel, contrast with 0.8 per channel
+    contrast_plain = objective.contrast(ink)
+    expected = (
+        plain * (contrast_plain + 1) * 0.64 * channels / (0.8 * channels * contrast_plain + 1)
+    )
+    np.testing.assert_allclose(coloured, expected, rtol=1e-5)

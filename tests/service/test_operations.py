@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
+from service.bundle import SCORE_NAMES
 from service.main import create_app
 from service.settings import Settings
 from tests.service.conftest import MakeClient
@@ -28,13 +29,13 @@ def test_model_describes_the_bundle(client: TestClient) -> None:
     assert body["image"] == {"channels": 1, "height": 28, "width": 28, "background": 0.0}
     assert (body["latent_dim"], body["likelihood"], body["sigma"]) == (8, "bernoulli", None)
     assert body["providers"] == ["CPUExecutionProvider"]
-    assert set(body["calibration"]["scores"]) == {
-        "neg_elbo",
-        "neg_iwae",
-        "recon_error",
-        "blur_recon_rel",
-    }
-    assert body["calibration"]["images"] == 64  # fields beyond the schema are kept
+    calibration = body["calibration"]
+    assert set(calibration["scores"]) == set(SCORE_NAMES)
+    assert calibration["images"] == 32  # fields beyond the schema are kept
+    # the default threshold's false-positive rate on the 32 held-out images not in the tables
+    fpr = calibration["false_positive_rate"]
+    assert fpr["score"] == calibration["default_score"] and fpr["images"] == 32
+    assert 0.0 <= fpr["rate"] <= 1.0 and calibration["selection"]["mean_auroc"]
     assert "onnx_max_abs_error" in body["metrics"]
 
 

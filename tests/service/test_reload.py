@@ -93,11 +93,18 @@ def bad_manifest(tiny_bundle: Path, tmp_path: Path) -> Path:
     return rewrite_manifest(tiny_bundle, tmp_path / "bad", latent_dim=0)
 
 
+def unknown_score(tiny_bundle: Path, tmp_path: Path) -> Path:
+    calibration = json.loads((tiny_bundle / "manifest.json").read_text())["calibration"]
+    calibration["default_score"] = "likelihood_regret"
+    return rewrite_manifest(tiny_bundle, tmp_path / "unknown", calibration=calibration)
+
+
 @pytest.mark.parametrize(
     "make_bundle, message",
     [
         (corrupt, "decoder.onnx has 7 bytes, the manifest says"),
         (bad_manifest, "manifest.json is invalid: latent_dim"),
+        (unknown_score, "unknown anomaly score 'likelihood_regret'"),
     ],
 )
 def test_a_bad_bundle_is_refused_and_the_old_keeps_serving(
