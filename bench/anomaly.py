@@ -66,7 +66,7 @@ class Server:
         env = {
             **os.environ,
             "PYTHONPATH": str(REPO),
-            "VAE_MAX_IMAGES": "500",
+            "VAE_MAX_ROWS": "500000",  # 500 images x up to 1000 draws per request
             "VAE_MAX_UPLOAD_BYTES": str(64 << 20),
             "VAE_LOG_LEVEL": "WARNING",
         }

@@ -107,14 +107,14 @@ def tight_loop_us(fn: Callable[[], object], calls: int) -> float:
 async def measure(bundle: Path, png: bytes, requests: int) -> dict[str, float]:
     os.environ["VAE_BUNDLE"] = str(bundle)
     os.environ.setdefault("VAE_LOG_LEVEL", "warning")
-    import service.deps
+    import service.parsing
     from bench.apps import noop_app
     from service.imaging import decode_image
 
     app = noop_app()
     results: dict[str, float] = {}
     async with app.router.lifespan_context(app):
-        model = app.state.model
+        model = app.state.runtime
         encode = scope("POST", "/encode", png, "image/png")
         results["GET /noop"] = await cpu_us(app, scope("GET", "/noop"), b"", requests)
         results["POST /encode (1 PNG)"] = await cpu_us(app, encode, png, requests)
@@ -126,14 +126,14 @@ async def measure(bundle: Path, png: bytes, requests: int) -> dict[str, float]:
             app, encode, png, requests
         )
         decoded = np.zeros((1, *model.manifest.input_shape), np.float32)
-        original = service.deps._decode_uploads
-        service.deps._decode_uploads = lambda uploads, shape, settings: decoded
+        original = service.parsing._decode_uploads
+        service.parsing._decode_uploads = lambda uploads, shape, settings: decoded
         try:
             results["POST /encode, encoder and PNG decode replaced"] = await cpu_us(
                 app, encode, png, requests
             )
         finally:
-            service.deps._decode_uploads = original
+            service.parsing._decode_uploads = original
         shape = model.manifest.input_shape
         results["decode_image of the PNG alone (tight loop)"] = tight_loop_us(
             lambda: decode_image(png, shape, max_pixels=1 << 24, strict=False), requests * 4

@@ -263,13 +263,13 @@ def start_to_ready(bundle: Path, runs: int = 3) -> float:
 def in_process(bundle: Path, seconds: float = 1.0) -> dict[str, float]:
     """Images/s of the ONNX encoder and decoder (one thread, as the server sets) and /elbo math.
 
-    The /elbo math is `Model.evaluate` as a default POST /elbo runs it: one ELBO draw and the
+    The /elbo math is `Runtime.evaluate` as a default POST /elbo runs it: one ELBO draw and the
     bundle's default anomaly score with the calibration's draws.
     """
     from service.bundle import load_bundle
-    from service.inference import Model
     from service.metrics import Metrics
     from service.routes.elbo import score_draws
+    from service.runtime import Runtime
 
     b = load_bundle(bundle, device="cpu", threads=1)
     b.warm_up()
@@ -288,13 +288,15 @@ def in_process(bundle: Path, seconds: float = 1.0) -> dict[str, float]:
         z = rng.standard_normal((n, b.manifest.latent_dim), dtype=np.float32)
         results[f"encoder {n}"] = rate(lambda x=x: b.encode(x), n)
         results[f"decoder {n}"] = rate(lambda z=z: b.decode(z), n)
-    model = Model(b, Metrics())
+    runtime = Runtime(b, Metrics(), max_rows=8192)
     x = rng.random((64, *b.manifest.input_shape), dtype=np.float32)
     score = b.manifest.default_score
-    draws = score_draws(model, score, 1, None)
-    results["elbo 64"] = rate(
-        lambda: model.evaluate(x, samples=1, k=None, score=score, score_draws=draws, seed=0), 64
-    )
+    draws = score_draws(runtime, score, 1, None)
+
+    def evaluate() -> None:
+        asyncio.run(runtime.evaluate(x, samples=1, k=None, score=score, score_draws=draws, seed=0))
+
+    results["elbo 64"] = rate(evaluate, 64)
     return results
 
 
@@ -353,11 +355,6 @@ def run(bundle: Path, seconds: float) -> None:
                 for _ in range(PAIRS)
             ]
             rss_onnx = rss_mib(pid)
-        unbatched: dict[tuple[str, int], dict[str, Any]] = {}
-        with server("noop_app", bundle, batching="false") as (url, _):
-            for case in ("encode", "elbo", "elbo64", "elbo64npy"):
-                for c in CONCURRENCY:
-                    unbatched[case, c] = load(url, case, c, seconds, data)
         eager: dict[tuple[str, int], dict[str, Any]] = {}
         with server("torch_app", bundle) as (url, pid):
             for case in CASES:
@@ -372,7 +369,7 @@ def run(bundle: Path, seconds: float) -> None:
     print(f"# Serving benchmark, {now()}\n")
     print(f"- command: `python -m bench.serving --bundle {bundle} --seconds {seconds:g}`")
     print(f"- machine: {machine()}; server and load generator share these cores")
-    print(f"- bundle: {bundle}; uvicorn, 1 worker, default settings (VAE_BATCHING on unless said)")
+    print(f"- bundle: {bundle}; uvicorn, 1 worker, default settings")
     print(f"- {seconds:g} s per cell after {WARM_UP_S} s warm-up; p50/p99 are per-request latency")
     print(f"- whole run: {time.perf_counter() - started:.0f} s\n")
     print("## Requests over HTTP (ONNX, micro-batching on) beside torch eager in the same app\n")
@@ -383,15 +380,6 @@ def run(bundle: Path, seconds: float) -> None:
             t = eager.get((case_name, c))
             extra = f"{t['rps']:,.0f}, {t['p50_ms']:.1f}, {t['p99_ms']:.1f}" if t else "-"
             print(fmt_row(case.name, c, onnx[case_name, c], extra))
-    print("\n## Micro-batching (VAE_BATCHING) on and off\n")
-    print("| request | concurrency | req/s on | p99 ms on | req/s off | p99 ms off |")
-    print("|---|---|---|---|---|---|")
-    for (case_name, c), off in unbatched.items():
-        on = onnx[case_name, c]
-        print(
-            f"| {CASES[case_name].name} | {c} | {on['rps']:,.0f} | {on['p99_ms']:.1f} |"
-            f" {off['rps']:,.0f} | {off['p99_ms']:.1f} |"
-        )
     print("\n## In-process ONNX (one intra-op thread, no HTTP)\n")
     print("| network | batch 1 img/s | batch 64 img/s | batch 256 img/s |")
     print("|---|---|---|---|")
@@ -400,7 +388,7 @@ def run(bundle: Path, seconds: float) -> None:
             f"| {net} | " + " | ".join(f"{local[f'{net} {n}']:,.0f}" for n in (1, 64, 256)) + " |"
         )
     print(
-        f"\nModel.evaluate (a default /elbo's math: 64 images, 1 ELBO draw, the default score "
+        f"\nRuntime.evaluate (a default /elbo's math: 64 images, 1 ELBO draw, the default score "
         f"{read_manifest(bundle).default_score}): {local['elbo 64']:,.0f} img/s\n"
     )
     print("## Process\n")

@@ -1,7 +1,7 @@
 """Calibrate a bundle's anomaly scores from its ONNX files, and choose its default score.
 
 Runs the bundle as the server does (onnxruntime and service/objective.py through
-`service.inference.Model`), so the tables hold exactly the numbers /elbo returns. `vae export`
+`service.runtime.Runtime`), so the tables hold exactly the numbers /elbo returns. `vae export`
 calls it on the bundle it has just written; `vae calibrate` on an existing one.
 
 The default score is chosen on held-out normal images only: each candidate's AUROC of those
@@ -12,6 +12,7 @@ cost one decoder pass per image (DEFAULT_CANDIDATES): the default must be cheap 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -24,9 +25,9 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 from service.bundle import SCORE_NAMES, load_bundle
-from service.inference import Model
 from service.metrics import Metrics
 from service.objective import blur, value_at
+from service.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -137,11 +138,11 @@ def synthesise(x: Images, seed: int) -> dict[str, Images]:
     }
 
 
-def score(model: Model, x: Images, name: str, draws: int, seed: int) -> np.ndarray:
+def score(model: Runtime, x: Images, name: str, draws: int, seed: int) -> np.ndarray:
     """`name` for every image of `x`, as /elbo computes it with `score_draws=draws`, `seed`."""
     out = []
     for i in range(0, len(x), BATCH):
-        result = model.evaluate(
+        evaluation = model.evaluate(
             x[i : i + BATCH],
             samples=1,
             k=None,
@@ -149,6 +150,7 @@ def score(model: Model, x: Images, name: str, draws: int, seed: int) -> np.ndarr
             score_draws=draws,
             seed=seed,
         )
+        result = asyncio.run(evaluation)
         out.append(result.score)
     return np.concatenate(out)
 
@@ -185,7 +187,7 @@ def calibrate(
             ROUGH,
         )
     normal = np.ascontiguousarray(normal, dtype=np.float32)
-    model = Model(load_bundle(bundle, device="cpu", threads=0), Metrics())
+    model = Runtime(load_bundle(bundle, device="cpu", threads=0), Metrics(), max_rows=1 << 30)
     order = np.random.default_rng(seed).permutation(len(normal))
     table_rows, check_rows = order[: len(order) // 2], order[len(order) // 2 :]
 

@@ -1,284 +1,147 @@
-"""Dynamic micro-batching: concurrent calls of one network are gathered into one onnxruntime call.
+"""One asyncio micro-batcher per network, in the style of Ray Serve's `@serve.batch`.
 
-Like Triton's dynamic batcher: a caller's rows wait in a bounded queue until `max_batch_size`
-rows are queued or the oldest has waited `max_delay_s`; one worker then runs the concatenated
-rows and hands every caller back exactly its own slice. Calls are row-wise (row i of the output
-depends only on row i of the input), so what a request is batched with never changes its result;
-everything random (eps) is drawn per request before its rows reach the queue.
+Callers `await batcher(x)` with a request's rows and get back exactly the outputs of those rows.
+Calls that wait while the network is busy are concatenated into one onnxruntime call of at most
+MAX_BATCH_ROWS rows, run in a worker thread (onnxruntime releases the GIL), and each caller is
+handed its own slice. Calls are row-wise (row i of the output depends only on row i of the input)
+and everything random (eps) is drawn per request before its rows arrive here, so what a request
+is batched with never changes its result.
 
-Callers are the route's worker threads (the model code is synchronous), so a caller blocks on a
-`concurrent.futures.Future`; onnxruntime releases the GIL, so workers run in parallel.
+At most `parallel_calls` onnxruntime calls run at once (one per usable core by default); the
+rest wait on the event loop, where waiting costs nothing, and the queue of waiting requests is
+bounded (503 above). A lone call of at most INLINE_ROWS rows on an idle network runs at once on
+the event loop: a thread hop would cost more than such a call.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
-import threading
+import functools
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
-from concurrent.futures import Future
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from prometheus_client import Histogram
 
-from service.objective import F32
-
-log = logging.getLogger(__name__)
-
+F32 = np.ndarray[Any, np.dtype[np.float32]]
 Outputs = tuple[F32, ...]
 RowFunction = Callable[[F32], Outputs]
-CLOSE_TIMEOUT_S = 10.0
+
+# Rows per onnxruntime call: on CPU, images/s of the MNIST networks stop growing past ~64 rows
+# (bench/serving.py, in-process table), while a larger call only holds its callers longer.
+MAX_BATCH_ROWS = 64
+# A call this small on an idle network runs on the event loop: ~30 us of onnxruntime against
+# ~60 us for a thread hop and back (bench/serving.py, /encode at concurrency 1).
+INLINE_ROWS = 16
+# Requests waiting per network before new ones get 503 + Retry-After: at the MNIST encoder's
+# ~2,500 req/s on 2 cores this is a tenth of a second of work, so retrying beats waiting longer.
+MAX_QUEUE = 256
+# Queued rows that start a call at once, rather than after the event loop has run everything that
+# was ready: with 32 requests arriving together a worker starts on the first ones while the loop
+# still parses the rest (bench/serving.py, /encode at concurrency 32: 8 rows 2,652 / 2,479 / 2,436
+# req/s; only at the end of the loop's round 2,256 / 2,311 / 2,120).
+EARLY_ROWS = 8
 
 
 class QueueFull(RuntimeError):
-    """The batch queue holds `max_queue` requests; the server answers 503 with Retry-After."""
+    """The network's queue holds MAX_QUEUE requests; the server answers 503 with Retry-After."""
 
 
 @dataclass
-class _Job:
+class _Call:
     x: F32
-    requests: int = 1
+    future: asyncio.Future[Outputs]
     arrived: float = field(default_factory=time.perf_counter)
-    future: Future[Outputs] = field(default_factory=Future)
 
 
-class Batcher:
-    """Gathers concurrent `fn(x)` calls on row batches into one call of `fn` on all the rows."""
+class MicroBatcher:
+    """`await batcher(x)` is `fn(x)`, run in one onnxruntime call with concurrent callers' rows."""
 
     def __init__(
-        self,
-        name: str,
-        fn: RowFunction,
-        *,
-        max_batch_size: int,
-        max_delay_s: float,
-        max_queue: int,
-        workers: int,
-        queue_time: Histogram,
+        self, name: str, fn: RowFunction, *, parallel_calls: int, queue_time: Histogram
     ) -> None:
-        if max_batch_size < 1 or max_queue < 1 or workers < 1 or max_delay_s < 0:
-            raise ValueError(
-                f"batcher {name}: max_batch_size ({max_batch_size}), max_queue ({max_queue}) and "
-                f"workers ({workers}) must be >= 1 and max_delay_s ({max_delay_s}) >= 0"
-            )
+        if parallel_calls < 1:
+            raise ValueError(f"batcher {name}: parallel_calls must be >= 1, got {parallel_calls}")
         self.name = name
         self.fn = fn
-        self.max_batch_size = max_batch_size
-        self.max_delay_s = max_delay_s
-        self.max_queue = max_queue
+        self.parallel_calls = parallel_calls
         self.queue_time = queue_time
-        self._queue: deque[_Job] = deque()
-        self._rows = 0  # rows in the queue
-        self._requests = 0  # requests in the queue
-        self._closed = False
-        self._ready = threading.Condition()
-        self._gathering = threading.Lock()  # one worker gathers while the others run
-        self._workers = [
-            threading.Thread(target=self._work, name=f"batcher-{name}-{i}", daemon=True)
-            for i in range(workers)
-        ]
-        for worker in self._workers:
-            worker.start()
-
-    def __call__(self, x: F32) -> Outputs:
-        """`fn(x)`, run in a batch with concurrent callers; QueueFull when the queue is full.
-
-        A request with `max_batch_size` rows or more is a full batch by itself and runs at once
-        in the caller's thread, as does every call after `close()` (in-flight requests finish).
-        """
-        if len(x) >= self.max_batch_size:
-            return self.fn(x)
-        future = self.submit(x)
-        if future is None:
-            return self.fn(x)
-        return future.result()
-
-    def submit(self, x: F32, requests: int = 1) -> Future[Outputs] | None:
-        """Queue `x`, the rows of `requests` requests, without waiting for it; None once closed
-        (the caller then runs `fn` itself).
-
-        QueueFull when `max_queue` requests already wait; a job is taken whole, so the queue may
-        go over by less than one job.
-        """
-        job = _Job(x, requests)
-        with self._ready:
-            if self._closed:
-                return None
-            if self._requests >= self.max_queue:
-                raise QueueFull(
-                    f"server busy: the {self.name} batch queue holds {self._requests} "
-                    f"requests (VAE_MAX_QUEUE = {self.max_queue}); retry later"
-                )
-            self._queue.append(job)
-            self._rows += len(x)
-            self._requests += requests
-            self._ready.notify()
-        return job.future
-
-    def close(self) -> None:
-        """Run what is queued, stop the workers; later calls run unbatched in their own thread."""
-        with self._ready:
-            self._closed = True
-            self._ready.notify_all()
-        for worker in self._workers:
-            worker.join(timeout=CLOSE_TIMEOUT_S)
-
-    def _work(self) -> None:
-        while True:
-            with self._gathering:
-                jobs = self._gather()
-            if not jobs:
-                return
-            self._run(jobs)
-
-    def _gather(self) -> list[_Job]:
-        """Wait for the first job, then for more until the batch is full or the delay is up."""
-        with self._ready:
-            while not self._queue:
-                if self._closed:
-                    return []
-                self._ready.wait()
-            deadline = self._queue[0].arrived + self.max_delay_s
-            while self._rows < self.max_batch_size and not self._closed:
-                remaining = deadline - time.perf_counter()
-                if remaining <= 0:
-                    break
-                self._ready.wait(remaining)
-            jobs = [self._queue.popleft()]
-            rows = len(jobs[0].x)
-            while self._queue and rows + len(self._queue[0].x) <= self.max_batch_size:
-                jobs.append(self._queue.popleft())
-                rows += len(jobs[-1].x)
-            self._rows -= rows
-            self._requests -= sum(job.requests for job in jobs)
-            return jobs
-
-    def _run(self, jobs: Sequence[_Job]) -> None:
-        start = time.perf_counter()
-        for job in jobs:
-            self.queue_time.observe(start - job.arrived)
-        try:
-            x = jobs[0].x if len(jobs) == 1 else np.concatenate([job.x for job in jobs])
-            outputs = self.fn(x)
-        except BaseException as exc:  # every caller must hear about it, never hang
-            _fail([(job.x, job.future) for job in jobs], exc)
-            if not isinstance(exc, Exception):
-                raise
-            return
-        _deliver([(job.x, job.future) for job in jobs], outputs)
-
-
-# Parked rows are handed to the batcher as soon as there are this many, rather than only once
-# the event loop has run everything ready: with 32 requests arriving together, a worker starts
-# on the first ones while the loop still parses the rest, instead of the loop and the workers
-# taking turns. /encode (1 PNG) at concurrency 32, bench/serving.py's load, three rounds
-# interleaved: 8 rows 2,652 / 2,479 / 2,436 req/s; 4 rows 2,405 / 2,394 / 2,350; 1 row 2,290 /
-# 2,428 / 2,075; only at the end of the loop's round 2,256 / 2,311 / 2,120.
-EARLY_ROWS = 8
-_Parked = tuple[F32, "asyncio.Future[Outputs]"]  # a call's rows and the future it awaits
-# a caller's rows and its future: a thread's (Batcher) or the event loop's (Gatherer)
-_Waiting = tuple[F32, "Future[Outputs] | asyncio.Future[Outputs]"]
-
-
-class Gatherer:
-    """Gathers one network's calls made on the event loop, so that concurrent requests share one
-    thread hop instead of paying one each.
-
-    A call parks its rows and awaits them. Parked calls are taken together once the event loop
-    has run everything that was ready before them (`loop.call_soon`), so requests that arrived
-    together meet, or as soon as two or more calls have EARLY_ROWS rows parked. A lone call of
-    at most `inline_max_rows` rows, with nothing of this gatherer's out in the batcher, runs
-    right there on the event loop (no hop: the lowest latency for an idle server); otherwise the
-    parked calls go to the batcher as one job per `max_batch_size` rows, and the event loop
-    serves HTTP while a worker thread runs them.
-    """
-
-    def __init__(self, batcher: Batcher, inline_max_rows: int) -> None:
-        self.batcher = batcher
-        self.inline_max_rows = inline_max_rows
-        self.out = 0  # jobs handed to the batcher and not yet back
-        self._parked: list[_Parked] = []
-        self._parked_rows = 0
+        self._queue: deque[_Call] = deque()
+        self._queued_rows = 0
+        self._running = 0  # calls of `fn` now in worker threads
         self._scheduled = False
-        self.early_rows = min(EARLY_ROWS, batcher.max_batch_size)
 
     async def __call__(self, x: F32) -> Outputs:
-        """`fn(x)`; QueueFull when the batcher's queue is full."""
+        """`fn(x)`; QueueFull when MAX_QUEUE requests already wait."""
+        if len(self._queue) >= MAX_QUEUE:
+            raise QueueFull(
+                f"server busy: {len(self._queue)} requests wait for the {self.name}; retry later"
+            )
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[Outputs] = loop.create_future()
-        self._parked.append((x, future))
-        self._parked_rows += len(x)
-        if len(self._parked) > 1 and self._parked_rows >= self.early_rows:  # see EARLY_ROWS
-            self._take(loop)
+        call = _Call(x, loop.create_future())
+        self._queue.append(call)
+        self._queued_rows += len(x)
+        if self._queued_rows >= EARLY_ROWS and len(self._queue) > 1:
+            self._start(loop)
         elif not self._scheduled:
             self._scheduled = True
-            loop.call_soon(self._scheduled_take, loop)
-        return await future
+            loop.call_soon(self._scheduled_start, loop)
+        return await call.future
 
-    def _scheduled_take(self, loop: asyncio.AbstractEventLoop) -> None:
+    def _scheduled_start(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Once the loop has run everything that was ready: a lone small call runs right here."""
         self._scheduled = False
-        self._take(loop)
-
-    def _take(self, loop: asyncio.AbstractEventLoop) -> None:
-        parked, self._parked, self._parked_rows = self._parked, [], 0
-        if not parked:  # taken early already
+        if self._running == 0 and len(self._queue) == 1 and self._queued_rows <= INLINE_ROWS:
+            call = self._queue.popleft()
+            self._queued_rows = 0
+            if not call.future.done():
+                try:
+                    call.future.set_result(self.fn(call.x))
+                except Exception as exc:
+                    call.future.set_exception(exc)
             return
-        if len(parked) == 1 and self.out == 0 and len(parked[0][0]) <= self.inline_max_rows:
-            try:
-                outputs = self.batcher.fn(parked[0][0])
-            except Exception as exc:
-                _fail(parked, exc)
+        self._start(loop)
+
+    def _start(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Start calls on the queued rows while fewer than `parallel_calls` run."""
+        while self._queue and self._running < self.parallel_calls:
+            if self._queue[0].future.done():  # cancelled while queued: its client went away
+                self._queued_rows -= len(self._queue.popleft().x)
+                continue
+            calls = [self._queue.popleft()]
+            rows = len(calls[0].x)  # a call of MAX_BATCH_ROWS rows or more runs alone
+            while self._queue and rows + len(self._queue[0].x) <= MAX_BATCH_ROWS:
+                calls.append(self._queue.popleft())
+                rows += len(calls[-1].x)
+            self._queued_rows -= rows
+            started = time.perf_counter()
+            for call in calls:
+                self.queue_time.observe(started - call.arrived)
+            x = calls[0].x if len(calls) == 1 else np.concatenate([call.x for call in calls])
+            self._running += 1
+            done = loop.run_in_executor(None, self.fn, x)
+            done.add_done_callback(functools.partial(self._finish, loop, calls))
+
+    def _finish(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        calls: list[_Call],
+        done: asyncio.Future[Outputs],
+    ) -> None:
+        self._running -= 1
+        offset = 0
+        for call in calls:
+            rows = slice(offset, offset + len(call.x))
+            offset = rows.stop
+            if call.future.done():  # cancelled: its client went away
+                continue
+            if done.cancelled():  # the loop is closing
+                call.future.cancel()
+            elif (exc := done.exception()) is not None:
+                call.future.set_exception(exc)
             else:
-                _deliver(parked, outputs)
-            return
-        group: list[_Parked] = []
-        rows = 0
-        for x, future in parked:
-            if group and rows + len(x) > self.batcher.max_batch_size:
-                self._hand_over(group, loop)
-                group, rows = [], 0
-            group.append((x, future))
-            rows += len(x)
-        self._hand_over(group, loop)
-
-    def _hand_over(self, group: list[_Parked], loop: asyncio.AbstractEventLoop) -> None:
-        x = group[0][0] if len(group) == 1 else np.concatenate([x for x, _ in group])
-        try:
-            job = self.batcher.submit(x, requests=len(group))
-        except QueueFull as exc:
-            _fail(group, exc)
-            return
-        self.out += 1
-        if job is None:  # closed: the model is being replaced; finish these in a worker thread
-            loop.run_in_executor(None, self.batcher.fn, x).add_done_callback(
-                lambda done: self._back(group, done)
-            )
-        else:
-            job.add_done_callback(lambda done: loop.call_soon_threadsafe(self._back, group, done))
-
-    def _back(self, group: list[_Parked], done: Future[Outputs] | asyncio.Future[Outputs]) -> None:
-        self.out -= 1
-        exc = done.exception()
-        if exc is None:
-            _deliver(group, done.result())
-        else:
-            _fail(group, exc)
-
-
-def _fail(group: Sequence[_Waiting], exc: BaseException) -> None:
-    for _, future in group:
-        if not future.done():  # done: cancelled, its client gone
-            future.set_exception(exc)
-
-
-def _deliver(group: Sequence[_Waiting], outputs: Outputs) -> None:
-    """Give each caller exactly its own rows of the group's outputs."""
-    offset = 0
-    for x, future in group:
-        rows = slice(offset, offset + len(x))
-        offset = rows.stop
-        if not future.done():
-            future.set_result(tuple(out[rows] for out in outputs))
+                call.future.set_result(tuple(out[rows] for out in done.result()))
+        self._start(loop)

@@ -12,7 +12,9 @@ from collections.abc import Sequence
 from pydantic import ValidationError
 
 from service.bundle import BundleError, read_manifest, select_providers
+from service.runtime import available_cpus
 from service.settings import Settings
+from service.workers import run_workers
 
 log = logging.getLogger("service.cli")
 
@@ -29,6 +31,9 @@ LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
 HTTP_PROTOCOL = "service.connections:GuardedHttpToolsProtocol"
 KEEP_ALIVE_S = 5
 MAX_CONNECTIONS = 1000
+# Longest wait for in-flight requests on shutdown: Kubernetes' default grace period, past which
+# the pod is killed anyway.
+GRACEFUL_SHUTDOWN_S = 30
 SERVE_ENV = {"bundle": "VAE_BUNDLE", "device": "VAE_DEVICE", "log_level": "VAE_LOG_LEVEL"}
 
 
@@ -62,7 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--device", choices=["auto", "cpu", "cuda"], help="default: $VAE_DEVICE or auto"
     )
-    serve.add_argument("--workers", type=int, default=1, help="worker processes")
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="server processes, each with its own socket (SO_REUSEPORT) so connections spread "
+        "evenly; 0: one per usable core. POST /admin/reload reaches one worker: reload with "
+        "SIGHUP when there are several",
+    )
     serve.add_argument(
         "--log-level",
         choices=["critical", "error", "warning", "info", "debug"],
@@ -151,18 +163,21 @@ def serve(args: argparse.Namespace) -> int:
         print(f"vae serve: {problem}", file=sys.stderr)
         return 2
     logging.basicConfig(level=settings.log_level_number, format=LOG_FORMAT)
-    uvicorn.run(
-        "service.main:create_app",
-        factory=True,
-        host=args.host,
-        port=args.port,
-        workers=args.workers,
-        log_level=settings.log_level,
-        timeout_graceful_shutdown=settings.shutdown_timeout_s or None,
-        http=HTTP_PROTOCOL,
-        timeout_keep_alive=KEEP_ALIVE_S,
-        limit_concurrency=MAX_CONNECTIONS,
-    )
+    config = {
+        "host": args.host,
+        "port": args.port,
+        "log_level": settings.log_level,
+        "timeout_graceful_shutdown": GRACEFUL_SHUTDOWN_S,
+        "http": HTTP_PROTOCOL,
+        "timeout_keep_alive": KEEP_ALIVE_S,
+        "limit_concurrency": MAX_CONNECTIONS,
+    }
+    workers = args.workers or available_cpus()
+    if workers > 1:
+        return run_workers(
+            workers, config, log_format=LOG_FORMAT, log_level=settings.log_level_number
+        )
+    uvicorn.run("service.main:create_app", factory=True, **config)
     return 0
 
 

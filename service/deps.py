@@ -1,42 +1,13 @@
-"""Dependencies shared by the routes: settings, the loaded model, authentication and inputs."""
+"""Dependencies shared by the routes: settings, the runtime serving now, authentication."""
 
-import copy
 import hmac
-import json
-from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated
 
-import numpy as np
 from fastapi import Depends, HTTPException, Request
-from fastapi.exceptions import RequestValidationError
-from pydantic import ValidationError
-from python_multipart.multipart import parse_options_header
-from starlette.datastructures import UploadFile
 
-from service.imaging import (
-    NPY_MEDIA,
-    SMALL_BYTES,
-    ImageError,
-    convert_channels,
-    decode_image,
-    plan_uploads,
-    read_npy,
-    resize,
-)
-from service.inference import F32, Model
-from service.schemas import BLACK_28X28_PNG, ImagesRequest
+from service.runtime import Runtime
 from service.settings import Settings
-
-JSON_TYPES = ("application/json",)
-IMAGE_MEDIA = (
-    "multipart/form-data, application/json, image/* (one raw image) or application/x-npy "
-    "(a NumPy array)"
-)
-# Starlette's own cap on multipart parts; VAE_MAX_IMAGES is checked separately with a clear 422.
-MULTIPART_MAX_PARTS = 1000
-# .npy bodies up to this size are converted on the event loop (a copy and a scale: microseconds)
-NPY_INLINE_BYTES = 1 << 20
 
 
 async def get_settings_from_app(request: Request) -> Settings:
@@ -48,15 +19,15 @@ async def get_settings_from_app(request: Request) -> Settings:
 SettingsDep = Annotated[Settings, Depends(get_settings_from_app)]
 
 
-async def get_model(request: Request) -> Model:
-    """The loaded model; 503 until the lifespan has loaded and warmed it up."""
-    model: Model | None = request.app.state.model
-    if model is None:
+async def get_runtime(request: Request) -> Runtime:
+    """The runtime serving now; 503 until the lifespan has loaded and warmed up the bundle."""
+    runtime: Runtime | None = request.app.state.runtime
+    if runtime is None:
         raise HTTPException(status_code=503, detail="model not loaded yet; see GET /readyz")
-    return model
+    return runtime
 
 
-ModelDep = Annotated[Model, Depends(get_model)]
+RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 
 
 async def require_api_key(request: Request, settings: SettingsDep) -> None:
@@ -80,312 +51,23 @@ async def require_api_key(request: Request, settings: SettingsDep) -> None:
     )
 
 
-def media_type(request: Request) -> str:
-    """The request's Content-Type without parameters, lower-cased ('' when absent)."""
-    return request.headers.get("content-type", "").partition(";")[0].strip().lower()
-
-
-def is_json(kind: str) -> bool:
-    """Whether a media type is JSON (`application/json` or a `+json` type)."""
-    return kind in JSON_TYPES or kind.endswith("+json")
-
-
-def unsupported_media(kind: str, expected: str) -> HTTPException:
-    """A 415 naming what was sent and what is accepted."""
-    sent = f"Content-Type {kind}" if kind else "no Content-Type"
-    return HTTPException(status_code=415, detail=f"unsupported media type: {sent}; use {expected}")
-
-
-async def require_json(request: Request) -> None:
-    """415 unless the body is JSON (FastAPI itself would answer 422 for other media types)."""
-    kind = media_type(request)
-    if not is_json(kind):
-        raise unsupported_media(kind, "application/json")
-
-
-Loc = Sequence[str | int]
-
-
-def invalid(loc: Loc, msg: str, type_: str = "value_error") -> RequestValidationError:
-    """A 422 in FastAPI's own error format, so every validation error reads alike."""
-    return RequestValidationError([{"type": type_, "loc": tuple(loc), "msg": msg}])
-
-
-def over_limit(loc: Loc, value: int, limit: int, setting: str) -> RequestValidationError:
-    """A 422 for a count above a configured limit, naming the limit's setting."""
-    return invalid(
-        loc,
-        f"Input should be less than or equal to {limit} ({setting}); got {value}",
-        "less_than_equal",
-    )
-
-
-def _body_errors(exc: ValidationError) -> RequestValidationError:
-    errors = exc.errors(include_url=False)
-    return RequestValidationError([{**error, "loc": ("body", *error["loc"])} for error in errors])
-
-
-async def read_json(request: Request) -> Any:
-    """Parse the JSON body; 422 in FastAPI's format when it is not JSON."""
-    body = await request.body()
-    try:
-        return json.loads(body)
-    except RecursionError:
-        raise invalid(("body",), "JSON nested too deeply") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        pos = exc.pos if isinstance(exc, json.JSONDecodeError) else exc.start
-        raise RequestValidationError(
-            [
-                {
-                    "type": "json_invalid",
-                    "loc": ("body", pos),
-                    "msg": "JSON decode error",
-                    "input": {},
-                    "ctx": {"error": str(exc)},
-                }
-            ]
-        ) from None
-
-
-Upload = tuple[str, bytes]  # (" ('name.png')" or "" for messages, encoded bytes)
-
-
-def _check_complete(body: bytes, content_type: str) -> None:
-    """400 for a multipart body without its closing delimiter: it was cut short, and the parser
-    would silently drop the part it was in (no part can contain the boundary)."""
-    boundary = parse_options_header(content_type)[1].get(b"boundary")
-    if boundary and b"--" + boundary + b"--" not in body:
-        raise HTTPException(
-            status_code=400,
-            detail=f"the multipart body is truncated or malformed: its {len(body)} bytes do not "
-            f"end with the closing boundary '--{boundary.decode('latin-1')}--'",
-        )
-
-
-async def _multipart_uploads(request: Request) -> list[Upload]:
-    _check_complete(await request.body(), request.headers.get("content-type", ""))
-    uploads: list[Upload] = []
-    async with request.form(max_files=MULTIPART_MAX_PARTS, max_fields=MULTIPART_MAX_PARTS) as form:
-        for name, value in form.multi_items():
-            if not isinstance(value, UploadFile):
-                raise invalid(
-                    ("body", name),
-                    f"form field {name!r} is not a file upload; send images as files (with a "
-                    "filename) and options as query parameters",
-                )
-            uploads.append((f" ({value.filename!r})" if value.filename else "", await value.read()))
-    return uploads
-
-
-def _plan(uploads: list[Upload], settings: Settings) -> bool:
-    """`plan_uploads`: 413 when the uploads declare too many pixels; whether they are small."""
-    try:
-        return plan_uploads(
-            [(f"image {i}{what}", data) for i, (what, data) in enumerate(uploads)],
-            settings.max_pixels,
-        )
-    except ImageError as exc:
-        raise HTTPException(status_code=413, detail=str(exc)) from None
-
-
-def _decode_uploads(
-    uploads: list[Upload], shape: tuple[int, int, int], settings: Settings, background: float
-) -> F32:
-    _plan(uploads, settings)  # nothing is decoded before the pixels declared in all are checked
-    images = []
-    for i, (what, data) in enumerate(uploads):
-        try:
-            images.append(
-                decode_image(
-                    data,
-                    shape,
-                    max_pixels=settings.max_pixels,
-                    strict=settings.strict_size,
-                    background=background,
-                )
-            )
-        except ImageError as exc:
-            message = f"image {i}{what} {exc}"
-            if exc.status == 413:
-                raise HTTPException(status_code=413, detail=message) from None
-            raise invalid(("body", "images", i), message) from None
-    return np.stack(images)
-
-
-def _prepare_arrays(arrays: list[F32], shape: tuple[int, int, int], settings: Settings) -> F32:
-    c, h, w = shape
-    images = []
-    for i, array in enumerate(arrays):
-        height, width = array.shape[1:]
-        if height * width > settings.max_pixels:
-            raise HTTPException(
-                status_code=413,
-                detail=f"pixels[{i}] is {width}x{height} = {width * height} pixels, over the limit "
-                f"of {settings.max_pixels} (VAE_MAX_PIXELS)",
-            )
-        if settings.strict_size and (height, width) != (h, w):
-            raise invalid(
-                ("body", "pixels", i),
-                f"pixels[{i}] is {width}x{height}; the model takes {w}x{h} (VAE_STRICT_SIZE is on)",
-            )
-        images.append(resize(convert_channels(array, c), h, w))
-    return np.stack(images)
-
-
-def _prepare_npy(data: bytes, shape: tuple[int, int, int], settings: Settings) -> F32:
-    try:
-        batch = read_npy(data, max_images=settings.max_images, max_pixels=settings.max_pixels)
-    except ImageError as exc:
-        message = f"the application/x-npy body {exc}"
-        if exc.status == 413:
-            raise HTTPException(status_code=413, detail=message) from None
-        raise invalid(("body",), message) from None
-    c, h, w = shape
-    if batch.shape[1:] == shape:
-        return batch
-    height, width = batch.shape[2:]
-    if settings.strict_size and (height, width) != (h, w):
-        raise invalid(
-            ("body",),
-            f"the array's images are {width}x{height}; the model takes {w}x{h} "
-            "(VAE_STRICT_SIZE is on)",
-        )
-    return np.stack([resize(convert_channels(image, c), h, w) for image in batch])
-
-
-async def _read_batch(request: Request, settings: Settings, model: Model) -> F32:
-    shape = model.manifest.input_shape
-    kind = media_type(request)
-    if kind == "multipart/form-data":
-        uploads = await _multipart_uploads(request)
-    elif is_json(kind):
-        try:
-            body = ImagesRequest.model_validate(await read_json(request))
-        except ValidationError as exc:
-            raise _body_errors(exc) from None
-        if body.pixels is not None:
-            _check_count(len(body.pixels), settings, "pixels")
-            return await model.call(len(body.pixels), _prepare_arrays, body.pixels, shape, settings)
-        assert body.images is not None  # the model validator guarantees one of the two
-        uploads = [("", data) for data in body.images]
-    elif kind.startswith("image/"):
-        uploads = [(f" ({kind} body)", await request.body())]
-    elif kind in NPY_MEDIA:
-        data = await request.body()
-        if len(data) <= NPY_INLINE_BYTES:
-            return _prepare_npy(data, shape, settings)
-        return await model.offload(_prepare_npy, data, shape, settings)
-    else:
-        raise unsupported_media(kind, IMAGE_MEDIA)
-    _check_count(len(uploads), settings, "images")
-    # a few kilobytes: their headers are read here, and if they declare few pixels they are
-    # decoded here too; else both happen in a worker thread (a TIFF's header alone can take ms)
-    small = sum(len(data) for _, data in uploads) <= SMALL_BYTES and _plan(uploads, settings)
-    background = model.manifest.image.background
-    return await model.call(
-        len(uploads), _decode_uploads, uploads, shape, settings, background, small=small
-    )
-
-
 @dataclass(frozen=True)
 class Served:
-    """What a model endpoint needs: the settings and the model serving now, the caller checked."""
+    """What a model endpoint needs: the settings and the runtime serving now, the caller checked."""
 
     settings: Settings
-    model: Model
+    runtime: Runtime
 
 
 async def get_served(request: Request) -> Served:
-    """The API key check, the settings and the model in one dependency.
+    """The API key check, the settings and the runtime in one dependency.
 
     FastAPI's per-dependency cost is a measurable part of a small request (bench/serving.py),
     so the model endpoints take this one instead of three.
     """
     settings = await get_settings_from_app(request)
     await require_api_key(request, settings)
-    return Served(settings, await get_model(request))
+    return Served(settings, await get_runtime(request))
 
 
 ServedDep = Annotated[Served, Depends(get_served)]
-
-
-async def read_images(request: Request, served: Served) -> F32:
-    """The request's images as one float32 batch `(B, C, H, W)` in [0, 1] at the model's size.
-
-    Accepts multipart file uploads, a JSON body (`images`: base64 files, or `pixels`: nested
-    arrays), one raw image body (`Content-Type: image/...`) or a NumPy array
-    (`Content-Type: application/x-npy`). A few images decode on the event loop, more in the
-    threadpool (`Model.call`).
-    """
-    model = served.model
-    x = await _read_batch(request, served.settings, model)
-    model.metrics.images.labels(request.scope["route"].path).observe(len(x))
-    return x
-
-
-def _check_count(count: int, settings: Settings, field: str) -> None:
-    if count == 0:
-        raise invalid(("body", field), "no images: send at least one image")
-    if count > settings.max_images:
-        raise over_limit(("body", field), count, settings.max_images, "VAE_MAX_IMAGES")
-
-
-IMAGES_OPENAPI: dict[str, Any] = {
-    "requestBody": {
-        "required": True,
-        "description": "Images as multipart files, a JSON body, or one raw image body. Options "
-        "go in the query string.",
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "properties": {
-                        "images": {
-                            "type": "array",
-                            "items": {"type": "string", "format": "binary", "minLength": 1},
-                            "description": "one or more image files (PNG, JPEG, BMP, WebP, ...)",
-                        }
-                    },
-                    "required": ["images"],
-                    # files under any other field name are images too
-                    "additionalProperties": {"type": "string", "format": "binary", "minLength": 1},
-                }
-            },
-            "application/json": {
-                "schema": ImagesRequest.model_json_schema(),
-                "examples": {
-                    "base64": {
-                        "summary": "base64-encoded image files",
-                        "value": {"images": [BLACK_28X28_PNG]},
-                    },
-                    "pixels": {
-                        "summary": "pixel arrays (H, W) or (C, H, W) in [0, 1], resized to fit",
-                        "value": {"pixels": [[[0.0, 0.5], [1.0, 0.25]]]},
-                    },
-                },
-            },
-            "image/*": {"schema": {"type": "string", "format": "binary"}},
-        },
-    }
-}
-
-
-def images_openapi(count: int) -> dict[str, Any]:
-    """IMAGES_OPENAPI for an endpoint that takes exactly `count` images."""
-    extra = copy.deepcopy(IMAGES_OPENAPI)
-    content = extra["requestBody"]["content"]
-    content["multipart/form-data"]["schema"]["properties"]["images"].update(
-        minItems=count, maxItems=count
-    )
-    del content["image/*"]  # one raw image is never enough
-    body = content["application/json"]
-    for name in ("images", "pixels"):
-        body["schema"]["properties"][name].update(minItems=count, maxItems=count)
-    body["schema"]["examples"] = [
-        {name: values * count}
-        for example in body["schema"]["examples"]
-        for name, values in example.items()
-    ]
-    for example in body["examples"].values():
-        example["value"] = {name: values * count for name, values in example["value"].items()}
-    return extra

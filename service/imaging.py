@@ -219,7 +219,7 @@ def read_npy(data: bytes, *, max_images: int, max_pixels: int) -> F32:
     if min(shape) <= 0:
         raise ImageError(f"has shape {shape}: no pixels (every dimension must be positive)")
     if b > max_images:
-        raise ImageError(f"holds {b} images, over the limit of {max_images} (VAE_MAX_IMAGES)")
+        raise ImageError(f"holds {b} images, over the limit of {max_images} (VAE_MAX_ROWS)")
     check_pixels(b * h * w, max_pixels, f"holds {b} images of {w}x{h} =")
     count = math.prod(shape)
     body = data[offset:]

@@ -2,20 +2,22 @@
 
 Doersch, "Tutorial on Variational Autoencoders" (arXiv 1606.05908) for the ELBO and the closed-form
 KL; Burda et al., "Importance Weighted Autoencoders" (arXiv 1509.00519) for the IWAE bound. Every
-value is in nats, summed over pixels and latent dimensions, one number per image. The random draws
-`eps` are arguments, so the torch side and this one can be held to the same numbers.
+value is in nats, summed over pixels and latent dimensions, one number per image. The functions
+shared with model/objective.py have its names and argument order (`decode` is the decoder as a
+function of `z (N, D)`, `eps` the random draws), so each side reads like the other and
+tests/service/test_objective.py holds every pair to the same numbers.
 """
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
 Likelihood = Literal["bernoulli", "gaussian"]
 F32 = np.ndarray[Any, np.dtype[np.float32]]
 F64 = np.ndarray[Any, np.dtype[np.float64]]
+Decode = Callable[[F32], F32]
 
 LOG_2PI = math.log(2.0 * math.pi)
 IMAGE_AXES = (-3, -2, -1)  # (C, H, W)
@@ -23,13 +25,12 @@ IMAGE_AXES = (-3, -2, -1)  # (C, H, W)
 BINOMIAL_5 = np.array([1.0, 4.0, 6.0, 4.0, 1.0], dtype=np.float32) / np.float32(16.0)
 
 
-@dataclass(frozen=True)
-class ElboTerms:
+class ElboTerms(NamedTuple):
     """Per-image ELBO and its two terms, each `(B,)`."""
 
-    elbo: F64
-    reconstruction: F64
-    kl: F64
+    reconstruction: F64  # E_q[log p(x|z)], estimated with S samples
+    kl: F64  # KL(q(z|x) || p(z)), closed form
+    elbo: F64  # reconstruction - kl
 
 
 def reparameterize(mu: F32, logvar: F32, eps: F32) -> F32:
@@ -54,7 +55,7 @@ def softplus(a: F32) -> F32:
     return t
 
 
-def log_likelihood(x: F32, out: F32, likelihood: Likelihood, sigma: float | None = None) -> F64:
+def log_likelihood(x: F32, out: F32, likelihood: Likelihood, sigma: float = 1.0) -> F64:
     """log p(x|z) summed over pixels; `x (B, C, H, W)`, `out (..., B, C, H, W)` -> `(..., B)`.
 
     `out` is the decoder output: Bernoulli logits (x in [0, 1] used as the probability, no
@@ -64,7 +65,7 @@ def log_likelihood(x: F32, out: F32, likelihood: Likelihood, sigma: float | None
         # x * logits - softplus(logits), with softplus(l) = log(1 + e^l) computed stably
         per_pixel = x * out - softplus(out)
     else:
-        if sigma is None or sigma <= 0:
+        if sigma <= 0:
             raise ValueError(f"gaussian likelihood needs a positive sigma, got {sigma}")
         per_pixel = -0.5 * np.square((x - out) / np.float32(sigma)) - np.float32(
             math.log(sigma) + 0.5 * LOG_2PI
@@ -80,18 +81,41 @@ def log_normal(z: F32, mu: F32 | float = 0.0, logvar: F32 | float = 0.0) -> F64:
     return log_p
 
 
-def elbo(log_px: F64, kl: F64) -> ElboTerms:
-    """`reconstruction = mean_s log p(x|z_s)`, `elbo = reconstruction - kl`; `log_px (S, B)`."""
-    reconstruction = np.mean(log_px, axis=0)
-    return ElboTerms(elbo=reconstruction - kl, reconstruction=reconstruction, kl=kl)
+def _decode_samples(decode: Decode, x: F32, z: F32, likelihood: Likelihood, sigma: float) -> F64:
+    s, b, d = z.shape
+    out = decode(z.reshape(s * b, d)).reshape(s, *x.shape)  # (S, B, C, H, W)
+    return log_likelihood(x, out, likelihood, sigma)  # (S, B)
 
 
-def iwae(log_px: F64, z: F32, mu: F32, logvar: F32) -> F64:
-    """IWAE bound `logsumexp_k(log p(x|z_k) + log p(z_k) - log q(z_k|x)) - log k` -> `(B,)`.
+def elbo(
+    decode: Decode,
+    x: F32,
+    mu: F32,
+    logvar: F32,
+    eps: F32,
+    likelihood: Likelihood,
+    sigma: float = 1.0,
+) -> ElboTerms:
+    """ELBO = E_q[log p(x|z)] - KL(q(z|x) || p(z)) with S = eps.shape[0] samples; tutorial eq. 5."""
+    z = reparameterize(mu, logvar, eps)  # (S, B, D)
+    reconstruction = np.mean(_decode_samples(decode, x, z, likelihood, sigma), axis=0)
+    kl = kl_divergence(mu, logvar)
+    return ElboTerms(reconstruction, kl, reconstruction - kl)
 
-    `log_px (k, B)` at `z (k, B, D)` drawn from q(z|x) with parameters `mu, logvar (B, D)`.
-    """
-    log_w = log_px + log_normal(z) - log_normal(z, mu, logvar)  # (k, B)
+
+def iwae(
+    decode: Decode,
+    x: F32,
+    mu: F32,
+    logvar: F32,
+    eps: F32,
+    likelihood: Likelihood,
+    sigma: float = 1.0,
+) -> F64:
+    """log p(x) >= log mean_k p(x|z_k) p(z_k) / q(z_k|x), k = eps.shape[0]; Burda et al. eq. 8."""
+    z = reparameterize(mu, logvar, eps)  # (k, B, D)
+    log_w = _decode_samples(decode, x, z, likelihood, sigma) + log_normal(z)
+    log_w -= log_normal(z, mu, logvar)  # (k, B)
     peak = np.max(log_w, axis=0)
     bound: F64 = peak + np.log(np.mean(np.exp(log_w - peak), axis=0))
     return bound

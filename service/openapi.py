@@ -12,17 +12,14 @@ from typing import Any
 from fastapi import FastAPI, routing
 from fastapi.dependencies.models import Dependant
 
-from service.deps import get_model, get_served, require_api_key
+from service.deps import get_runtime, get_served, require_api_key
 from service.routes.admin import require_admin
 from service.routes.decode import Z_MAX
 from service.settings import Settings
 
 # query parameters bounded by a setting, with the setting's name for the description
-QUERY_LIMITS: dict[str, tuple[str, str]] = {
-    "n": ("max_sample_n", "VAE_MAX_SAMPLE_N"),
-    "k": ("max_k", "VAE_MAX_K"),
-    "samples": ("max_samples", "VAE_MAX_SAMPLES"),
-}
+# (none since one VAE_MAX_ROWS budget bounds images x draws as a whole)
+QUERY_LIMITS: dict[str, tuple[str, str]] = {}
 SCHEMES = {
     "APIKeyHeader": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
     "BearerAuth": {"type": "http", "scheme": "bearer"},
@@ -105,8 +102,8 @@ def document(
             if "requestBody" in operation:
                 _add_responses(operation, BODY_ERRORS)
                 if "multipart/form-data" in operation["requestBody"].get("content", {}):
-                    _bound_images(operation, settings.max_images)
-            if calls & {get_model, get_served}:
+                    _bound_images(operation, settings.max_rows)
+            if calls & {get_runtime, get_served}:
                 _add_responses(operation, MODEL_ERRORS)
             if needs_key:
                 _add_responses(operation, KEY_ERRORS)
@@ -116,7 +113,7 @@ def document(
     decode = schema.get("components", {}).get("schemas", {}).get("DecodeRequest")
     if decode is not None:
         z = decode["properties"]["z"]
-        z["maxItems"] = settings.max_images
+        z["maxItems"] = settings.max_rows
         z["items"]["items"].update(minimum=-Z_MAX, maximum=Z_MAX)
         if latent_dim is not None:
             z["items"].update(minItems=latent_dim, maxItems=latent_dim)

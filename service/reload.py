@@ -1,8 +1,8 @@
 """Model versions and hot reload: load, verify and warm up a bundle, then swap it in atomically.
 
-A reload (POST /admin/reload or SIGHUP) builds a complete new `Model` beside the one serving —
+A reload (POST /admin/reload or SIGHUP) builds a complete new `Runtime` beside the one serving —
 manifest validated, checksums verified, sessions opened, one warm-up inference run — and only then
-replaces `app.state.model` in one assignment. A request resolves the model once, when it starts,
+replaces `app.state.runtime` in one assignment. A request resolves the model once, when it starts,
 so requests in flight finish on the model they started with; the old model's batchers drain and
 then run any late calls unbatched. A bundle that fails any check is refused and the old model
 keeps serving.
@@ -23,9 +23,9 @@ from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
 from service.bundle import BundleError, load_bundle
-from service.inference import BatchPolicy, Model, compute_slots
 from service.memory import trim
 from service.metrics import Metrics
+from service.runtime import Runtime, parallel_calls
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,7 @@ class Version:
     path: Path
 
     @classmethod
-    def of(cls, model: Model) -> Version:
+    def of(cls, model: Runtime) -> Version:
         return cls(model.manifest.name, model.manifest.version, model.bundle.path)
 
 
@@ -102,22 +102,21 @@ class Swap:
     seconds: float
 
 
-async def load_model(path: Path, settings: Settings, metrics: Metrics) -> Model:
+async def load_runtime(path: Path, settings: Settings, metrics: Metrics) -> Runtime:
     """Load, verify and warm up the bundle at `path`; BundleError names what is wrong."""
     bundle = await run_in_threadpool(
         load_bundle, path, device=settings.device, threads=settings.threads
     )
     await run_in_threadpool(bundle.warm_up)
-    return Model(
+    return Runtime(
         bundle,
         metrics,
-        BatchPolicy.from_settings(settings),
-        settings.inline_max_rows,
-        compute_slots(settings),
+        max_rows=settings.max_rows,
+        parallel_calls=parallel_calls(settings.threads),
     )
 
 
-def publish(metrics: Metrics, previous: Model | None, current: Model | None) -> None:
+def publish(metrics: Metrics, previous: Runtime | None, current: Runtime | None) -> None:
     """Point the bundle-info and readiness gauges at the model now serving."""
     if previous is not None:
         with contextlib.suppress(KeyError):  # labels already gone
@@ -138,23 +137,21 @@ async def reload_model(app: FastAPI, path: Path | None = None) -> Swap:
         raise ReloadInProgress("a reload is already in progress; retry when it has finished")
     async with lock:
         start = time.perf_counter()
-        previous: Model | None = app.state.model
+        previous: Runtime | None = app.state.runtime
         target = path or (previous.bundle.path if previous else app.state.settings.bundle)
         try:
-            current = await load_model(target, app.state.settings, metrics)
+            current = await load_runtime(target, app.state.settings, metrics)
         except BundleError:
             metrics.reloads.labels("refused").inc()
             raise
-        app.state.model = current  # the swap: new requests resolve the new model from here on
+        app.state.runtime = current  # the swap: new requests resolve the new model from here on
         publish(metrics, previous, current)
         metrics.reloads.labels("swapped").inc()
         replaced = Version.of(previous) if previous is not None else None
-        if previous is not None:
-            await run_in_threadpool(previous.close)
-        # A Model sits in reference cycles (its batchers hold its bound methods; unbatched, it is
-        # its own `direct`): only a full collection frees it and its sessions (about 25 MB for
-        # the shipped bundle), and with VAE_GC_THRESHOLDS those are rare, so every reload kept
-        # one more. Collected here, or at the next reload if a request still holds it.
+        # A Runtime sits in reference cycles (its batchers hold its bound methods): only a full
+        # collection frees it and its sessions (about 25 MB for the shipped bundle), and with
+        # GC_THRESHOLDS those are rare, so every reload kept one more. Collected here, or at the
+        # next reload if a request still holds it.
         del previous
         await run_in_threadpool(trim)
         # requests still in flight keep the replaced model alive a while: once more, later

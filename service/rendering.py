@@ -1,10 +1,10 @@
 """Turn decoded image batches into the response a client asked for."""
 
 import base64
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
-from fastapi import HTTPException, Response
+from fastapi import Depends, HTTPException, Query, Request, Response
 
 from service.imaging import F32, grid_png, to_png
 from service.schemas import ImagesPublic, OutputFormat
@@ -29,6 +29,13 @@ def heat_png(x: F32, heat: F32) -> str:
     alpha = np.sqrt(t)
     overlay = (grey * (1 - alpha) + hot * alpha).astype(np.float32)
     return base64.b64encode(to_png(overlay)).decode("ascii")
+
+
+FORMAT_QUERY = Query(
+    alias="format",
+    description="base64: PNG per image in JSON (default); arrays: raw mean/probabilities; "
+    "grid: one PNG (also chosen by `Accept: image/png`)",
+)
 
 
 def _media_ranges(accept: str) -> list[tuple[str, float]]:
@@ -78,6 +85,16 @@ def png_base64(images: F32) -> list[str]:
     return [base64.b64encode(to_png(image)).decode("ascii") for image in images]
 
 
+async def response_format(
+    request: Request, output: Annotated[OutputFormat | None, FORMAT_QUERY] = None
+) -> OutputFormat:
+    """The format asked for, by `format` or `Accept`; 406 before any work when none fits."""
+    return choose_format(output, request.headers.get("accept"))
+
+
+FormatDep = Annotated[OutputFormat, Depends(response_format)]
+
+
 def render_images(
     mean: F32,
     fmt: OutputFormat,
@@ -88,16 +105,18 @@ def render_images(
     columns: int | None = None,
     **extra: Any,
 ) -> ImagesPublic | Response:
-    """`mean (B, C, H, W)` -> base64 PNGs, raw arrays, or one PNG grid (CPU-bound).
+    """`mean (B, C, H, W)` -> base64 PNGs, raw arrays, or one PNG grid (CPU-bound: routes run it
+    through `off_loop`).
 
-    `public` and `extra` extend the JSON body; `headers` go on the PNG grid, which has no body to
-    carry them; `columns` lays the grid out (default: near-square).
+    `public` and `extra` extend the JSON body (arrays as lists); `headers` go on the PNG grid,
+    which has no body to carry them; `columns` lays the grid out (default: near-square).
     """
     _, c, h, w = mean.shape
     kind = "probabilities" if likelihood == "bernoulli" else "mean"
     if fmt == "grid":
         return Response(content=grid_png(mean, columns=columns), media_type=PNG, headers=headers)
-    fields: dict[str, Any] = {"channels": c, "height": h, "width": w, "kind": kind, **extra}
+    fields: dict[str, Any] = {"channels": c, "height": h, "width": w, "kind": kind}
+    fields |= {k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in extra.items()}
     if fmt == "arrays":
         return public(arrays=mean.tolist(), **fields)
     return public(images=png_base64(mean), **fields)

@@ -30,10 +30,17 @@ class Settings(BaseSettings):
         default=1,
         ge=0,
         le=256,
-        description="onnxruntime intra-op threads per call (0: one per core); concurrent requests "
-        "already run in parallel on the threadpool, so 1 gives the best throughput on small CPUs",
+        description="onnxruntime intra-op threads per call (0: one per core); the server runs "
+        "usable cores / threads calls at once, so 1 gives the best throughput on small CPUs",
     )
-    max_images: int = Field(default=64, ge=1, le=4096, description="images (or z rows) per request")
+    max_rows: int = Field(
+        default=8192,
+        ge=1,
+        le=1_000_000,
+        description="per-request compute budget in network rows: images x draws for /elbo "
+        "(the most of samples, k and the score's draws), images for /encode and /reconstruct, "
+        "z rows for /decode, n for /sample, steps for /interpolate (422 above)",
+    )
     max_upload_bytes: int = Field(
         default=16 * 1024 * 1024, ge=1024, description="request body limit in bytes (413 above)"
     )
@@ -42,13 +49,6 @@ class Settings(BaseSettings):
         ge=1,
         description="pixels (width x height) a request's images may declare in all, checked "
         "from their headers before decoding (413 above)",
-    )
-    max_sample_n: int = Field(default=256, ge=1, le=65536, description="largest n for GET /sample")
-    max_k: int = Field(
-        default=1000, ge=1, le=100_000, description="largest importance samples k for /elbo"
-    )
-    max_samples: int = Field(
-        default=100, ge=1, le=100_000, description="largest ELBO samples for /elbo"
     )
     max_map_pixels: int = Field(
         default=512 * 512,
@@ -69,54 +69,14 @@ class Settings(BaseSettings):
         description="when set, model endpoints need X-API-Key or Authorization: Bearer",
     )
     log_level: LogLevel = "info"
-    # on by default, measured with bench/serving.py: with no added wait (max_batch_delay_ms=0) it
-    # costs nothing at concurrency 1 and saves onnxruntime calls under load
-    batching: bool = Field(
-        default=True,
-        description="gather concurrent requests' rows into one onnxruntime call per network",
-    )
-    max_batch_size: int = Field(
-        default=64, ge=1, le=65536, description="most rows in one micro-batch (VAE_BATCHING)"
-    )
-    max_batch_delay_ms: float = Field(
-        default=0.0,
-        ge=0.0,
-        le=1000.0,
-        allow_inf_nan=False,
-        description="longest the first request of a micro-batch waits for more rows; 0: batch "
-        "only what queued while the workers were busy (no added latency when idle)",
-    )
-    inline_max_rows: int = Field(
-        default=16,
-        ge=0,
-        le=65536,
-        description="a request needing at most this many network rows (images x draws) runs "
-        "on the event loop when no other request's work is out in worker threads, and uploads "
-        "of at most this many small images are decoded there: cheaper than a thread hop for "
-        "small work; 0: never",
-    )
-    compute_slots: int = Field(
-        default=0,
-        ge=0,
-        le=4096,
-        description="requests computing in worker threads at once (all offloaded work without "
-        "VAE_BATCHING; with it, requests of a full micro-batch or more); the rest wait their turn "
-        "on the event loop. 0: the usable cores divided by VAE_THREADS",
-    )
-    max_queue: int = Field(
-        default=256,
-        ge=1,
-        le=1_000_000,
-        description="requests waiting per network for a micro-batch; 503 + Retry-After above",
+    admin_open: bool = Field(
+        default=False,
+        description="allow /admin without VAE_API_KEY (only on a trusted network)",
     )
     models_root: Path | None = Field(
         default=None,
         description="directory POST /admin/reload loads bundles from, by name relative to it; "
         "default: the directory holding VAE_BUNDLE",
-    )
-    admin_open: bool = Field(
-        default=False,
-        description="allow /admin without VAE_API_KEY (only on a trusted network)",
     )
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default=[],
@@ -130,43 +90,12 @@ class Settings(BaseSettings):
         description="on SIGTERM, seconds to keep serving with /readyz at 503 before draining, so "
         "load balancers stop sending traffic first",
     )
-    gc_thresholds: Annotated[tuple[int, int, int], NoDecode] = Field(
-        default=(20_000, 20, 20),
-        description="Python's garbage-collector thresholds while serving, comma-separated "
-        "(gc.set_threshold; Python's own: 700,10,10). Fewer young collections leave less of the "
-        "in-flight requests' garbage to the full collections, whose 50-60 ms pauses made the "
-        "p99 at concurrency 32 (BENCHMARKS.md section 3)",
-    )
-    shutdown_timeout_s: int = Field(
-        default=30,
-        ge=0,
-        le=3600,
-        description="longest uvicorn waits for in-flight requests after SIGTERM, in whole "
-        "seconds (vae serve; 0: no limit)",
-    )
 
     @field_validator("cors_origins", mode="before")
     @classmethod
     def _split_origins(cls, value: object) -> object:
         if isinstance(value, str):
             return [origin.strip() for origin in value.split(",") if origin.strip()]
-        return value
-
-    @field_validator("gc_thresholds", mode="before")
-    @classmethod
-    def _split_thresholds(cls, value: object) -> object:
-        if isinstance(value, str):
-            return tuple(part.strip() for part in value.split(","))
-        return value
-
-    @field_validator("gc_thresholds")
-    @classmethod
-    def _positive_thresholds(cls, value: tuple[int, int, int]) -> tuple[int, int, int]:
-        if min(value) < 1:
-            raise ValueError(
-                f"VAE_GC_THRESHOLDS must be three integers >= 1 (0 would turn collection off); "
-                f"got {value}"
-            )
         return value
 
     @field_validator("log_level", mode="before")

@@ -2,15 +2,37 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from service.settings import DEFAULT_BUNDLE
+from tests import live
 
 REPO = Path(__file__).resolve().parents[1]
 MNIST_DIR = REPO.parent / "shared" / "data" / "mnist"
+LiveServerFactory = Callable[..., AbstractContextManager[live.LiveServer]]
+# The integration lane: real processes (servers, torchrun, the container recipe's venv, the
+# deploy validators), a real browser. Everything else is the unit lane, in-process and fast.
+INTEGRATION = (
+    "tests/e2e/",
+    "tests/stress/",
+    "tests/test_container_recipe.py",
+    "tests/test_deploy.py",
+    "tests/model/test_distributed.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test `unit` or `integration` by where it lives (`pytest -m unit` runs one lane;
+    the README's `pytest` runs both)."""
+    for item in items:
+        path = item.path.relative_to(REPO).as_posix()
+        lane = pytest.mark.integration if path.startswith(INTEGRATION) else pytest.mark.unit
+        item.add_marker(lane)
 
 
 def _tiny_bundle(out: Path, likelihood: str) -> Path:
@@ -108,3 +130,11 @@ def colour_folder(path: Path, count: int, seed: int, size: int = 8) -> Path:
         image = (1 - t) * ((1 - s) * a + s * b) + t * ((1 - s) * c + s * d)
         Image.fromarray(image.astype(np.uint8)).save(path / f"{i:03d}.png")
     return path
+
+
+@pytest.fixture(scope="session")
+def live_server() -> LiveServerFactory:
+    """`with live_server(bundle, *args, env={...}) as server:` a real `vae serve` process on a
+    loopback port, ready (/readyz 200), stopped with SIGTERM after; `argv=` runs another command
+    line (`{port}` filled in). The one way tests start a server (tests/live.py)."""
+    return live.live_server

@@ -13,10 +13,8 @@ import os
 import re
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -24,6 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+
+from tests import live
+from tests.conftest import LiveServerFactory
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "Dockerfile"
@@ -92,12 +93,6 @@ def clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return {**env, **(extra or {})}
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def stages() -> dict[str, Stage]:
     parsed = parse_dockerfile(DOCKERFILE.read_text())
@@ -157,14 +152,13 @@ def serving_venv(stages: dict[str, Stage], tmp_path_factory: pytest.TempPathFact
 
 @pytest.fixture
 def server(
-    stages: dict[str, Stage], serving_venv: Path, bundle: Path, tmp_path: Path
+    stages: dict[str, Stage], serving_venv: Path, bundle: Path, live_server: LiveServerFactory
 ) -> Iterator[tuple[str, dict[str, str]]]:
     """The runtime image's ENTRYPOINT and ENV, run from the replayed venv on a loopback port."""
     runtime = stages["runtime"]
     (entrypoint,) = runtime.args("ENTRYPOINT")
-    port = free_port()
     argv = with_option(exec_form(entrypoint), "--host", "127.0.0.1")
-    argv = with_option(argv, "--port", str(port))
+    argv = with_option(argv, "--port", "{port}")
     image_env = {k: v for k, v in runtime.env().items() if k.startswith("VAE_")}
     env = clean_env(
         {
@@ -173,36 +167,8 @@ def server(
             "PATH": f"{serving_venv / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}",
         }
     )
-    log_path = tmp_path / "server.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"{argv} exited {proc.returncode}:\n{log_path.read_text()[-4000:]}")
-            try:
-                with urllib.request.urlopen(f"{base}/readyz", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except urllib.error.HTTPError as e:
-                e.close()  # 503 while the bundle loads
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass  # not listening yet
-            if time.monotonic() > deadline:
-                pytest.fail(
-                    f"/readyz not 200 after {READY_TIMEOUT_S:.0f} s:\n{log_path.read_text()}"
-                )
-            time.sleep(0.25)
-        yield base, env
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    with live_server(argv=argv, environ=env, timeout=READY_TIMEOUT_S) as running:
+        yield running.url, env
 
 
 @pytest.mark.timeout(900)
@@ -232,6 +198,6 @@ def test_entrypoint_gets_ready_and_healthcheck_passes(
     assert done.returncode == 0, f"HEALTHCHECK {argv} exited {done.returncode}: {done.stderr}"
 
     # ... and it fails when nothing answers.
-    argv = [a.replace(f":{port}/", f":{free_port()}/") for a in argv]
+    argv = [a.replace(f":{port}/", f":{live.free_port()}/") for a in argv]
     done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=30)
     assert done.returncode != 0, f"HEALTHCHECK {argv} passed with no server"

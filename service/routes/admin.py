@@ -7,8 +7,8 @@ from fastapi import APIRouter, Body, Depends, HTTPException, Request
 from pydantic import BaseModel, Field
 
 from service.bundle import BundleError
-from service.deps import SettingsDep, invalid, require_api_key, require_json
-from service.inference import Model
+from service.deps import SettingsDep, require_api_key
+from service.parsing import invalid, require_json
 from service.reload import (
     BundleNotFound,
     ReloadInProgress,
@@ -18,6 +18,7 @@ from service.reload import (
     reload_model,
     resolve_bundle,
 )
+from service.runtime import Runtime
 from service.schemas import RequestBody
 
 ADMIN_DISABLED = (
@@ -112,7 +113,7 @@ async def reload(
     except ReloadInProgress as exc:
         raise HTTPException(status_code=409, detail=str(exc)) from None
     except BundleError as exc:
-        serving: Model | None = request.app.state.model
+        serving: Runtime | None = request.app.state.runtime
         still = (
             f"; still serving {serving.manifest.name} {serving.manifest.version}" if serving else ""
         )

@@ -1,19 +1,15 @@
 """POST /elbo: images -> ELBO, IWAE and an anomaly verdict against the bundle's calibration."""
 
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Query, Response
 
-from service.deps import (
-    IMAGES_OPENAPI,
-    ServedDep,
-    invalid,
-    over_limit,
-    read_images,
-)
-from service.inference import MAX_SEED, EvaluateOptions, Evaluation, Model
+from service.bundle import ScoreCalibration
 from service.objective import F64, RECONSTRUCTION_SCORES, percentile_of, value_at
+from service.parsing import IMAGES_OPENAPI, ImagesDep, invalid, over_limit
 from service.rendering import heat_png
+from service.runtime import F32, MAX_SEED, Evaluation, Runtime, off_loop
 from service.schemas import ElboPublic, Score, json_response
 from service.settings import Settings
 
@@ -22,11 +18,11 @@ router = APIRouter(tags=["scores"])
 ThresholdSource = Literal["request", "settings", "manifest"]
 
 
-def score_draws(model: Model, score: Score, samples: int, k: int | None) -> int:
+def score_draws(runtime: Runtime, score: Score, samples: int, k: int | None) -> int:
     """Draws behind the anomaly score: the calibration's, so scores compare with its table."""
     if score in RECONSTRUCTION_SCORES:
         return 0  # deterministic: the decoder's mean at z = mu
-    table = model.manifest.score_table(score)
+    table = runtime.manifest.score_table(score)
     if score == "neg_elbo":
         return table.samples if table and table.samples else samples
     if k is not None:
@@ -37,12 +33,12 @@ def score_draws(model: Model, score: Score, samples: int, k: int | None) -> int:
 
 
 def threshold_for(
-    model: Model, settings: Settings, score: Score, requested: float | None
+    runtime: Runtime, settings: Settings, score: Score, requested: float | None
 ) -> tuple[float | None, ThresholdSource | None]:
     """The anomaly threshold: the request's, else VAE_ANOMALY_THRESHOLD, else the manifest's."""
     if requested is not None:
         return requested, "request"
-    manifest = model.manifest
+    manifest = runtime.manifest
     if settings.anomaly_threshold is not None and score == manifest.default_score:
         return settings.anomaly_threshold, "settings"
     table = manifest.score_table(score)
@@ -54,13 +50,12 @@ def threshold_for(
 
 @router.post("/elbo", response_model=ElboPublic, openapi_extra=IMAGES_OPENAPI)
 async def elbo(
-    request: Request,
-    served: ServedDep,
+    images: ImagesDep,
     samples: Annotated[
-        int, Query(ge=1, description="draws for the reported ELBO (at most VAE_MAX_SAMPLES)")
+        int, Query(ge=1, description="draws for the reported ELBO (images x draws: VAE_MAX_ROWS)")
     ] = 1,
     k: Annotated[
-        int | None, Query(ge=1, description="importance samples for the IWAE bound (VAE_MAX_K)")
+        int | None, Query(ge=1, description="importance samples for the IWAE bound (VAE_MAX_ROWS)")
     ] = None,
     seed: Annotated[int, Query(ge=0, le=MAX_SEED, description="seed of eps")] = 0,
     score: Annotated[
@@ -76,29 +71,50 @@ async def elbo(
     ] = None,
 ) -> Response:
     """Score images: ELBO and its terms, optional IWAE, anomaly score, percentile and verdict."""
-    model, settings = served.model, served.settings
-    x = await read_images(request, served)
-    if samples > settings.max_samples:
-        raise over_limit(("query", "samples"), samples, settings.max_samples, "VAE_MAX_SAMPLES")
-    if k is not None and k > settings.max_k:
-        raise over_limit(("query", "k"), k, settings.max_k, "VAE_MAX_K")
+    runtime, x, settings = images.runtime, images.x, images.settings
     if heat and x.size // x.shape[1] > settings.max_map_pixels:
         pixels = x.size // x.shape[1]
         raise over_limit(("query", "map"), pixels, settings.max_map_pixels, "VAE_MAX_MAP_PIXELS")
-    chosen = score or model.manifest.default_score
-    draws = score_draws(model, chosen, samples, k)
-    limit, source = threshold_for(model, settings, chosen, threshold)
-    table = model.manifest.score_table(chosen)
+    chosen = score or runtime.manifest.default_score
+    draws = score_draws(runtime, chosen, samples, k)
+    result = await runtime.evaluate(
+        x,
+        samples=samples,
+        k=k,
+        score=chosen,
+        score_draws=draws,
+        seed=seed,
+        anomaly_map=heat is not None,
+    )
+    limit, source = threshold_for(runtime, settings, chosen, threshold)
+    table = runtime.manifest.score_table(chosen)
+    verdict = Verdict(seed, chosen, draws, limit, source, table, heat)
+    return await off_loop(len(x), verdict.respond, x, result, samples, k)
 
-    def maps(values: F64 | None) -> list[Any]:
+
+@dataclass(frozen=True)
+class Verdict:
+    """How a request's anomaly scores are judged: the score, its draws, threshold and table."""
+
+    seed: int
+    score: Score
+    draws: int
+    threshold: float | None
+    source: ThresholdSource | None
+    table: ScoreCalibration | None
+    heat: Literal["array", "png"] | None
+
+    def maps(self, x: F32, values: F64 | None) -> list[Any]:
+        """The anomaly maps as the request asked: nested lists or PNGs over the images."""
         if values is None:
             return [None] * len(x)
-        if heat == "png":
+        if self.heat == "png":
             return [heat_png(image, m) for image, m in zip(x, values, strict=True)]
         return values.tolist()  # type: ignore[no-any-return]
 
-    def respond(result: Evaluation) -> Response:
-        n, scores = len(x), result.score
+    def respond(self, x: F32, result: Evaluation, samples: int, k: int | None) -> Response:
+        """The JSON response, made in one pass by numpy and pydantic's compiled core."""
+        n, scores, table, limit = len(result.score), result.score, self.table, self.threshold
         percentiles = (
             percentile_of(scores, table.percentiles, table.values).tolist()
             if table and table.usable
@@ -114,31 +130,18 @@ async def elbo(
             "anomaly_score": scores.tolist(),
             "percentile": percentiles,
             "is_anomaly": (scores > limit).tolist() if limit is not None else [None] * n,
-            "anomaly_map": maps(result.anomaly_map),
+            "anomaly_map": self.maps(x, result.anomaly_map),
         }
         names = list(columns)
         rows = [dict(zip(names, row, strict=True)) for row in zip(*columns.values(), strict=True)]
         return json_response(
             ElboPublic,
             {
-                "seed": seed,
-                "score": chosen,
-                "score_draws": draws,
+                "seed": self.seed,
+                "score": self.score,
+                "score_draws": self.draws,
                 "threshold": limit,
-                "threshold_source": source,
+                "threshold_source": self.source,
                 "results": rows,
             },
         )
-
-    options: EvaluateOptions = {
-        "samples": samples,
-        "k": k,
-        "score": chosen,
-        "score_draws": draws,
-        "seed": seed,
-        "anomaly_map": heat is not None,
-    }
-    rows = len(x) * max(samples, k or 0, draws, 1)
-    if model.gathers(rows):  # small: network calls gathered, the math on the event loop
-        return respond(await model.evaluate_gathered(x, **options))
-    return await model.run(rows, lambda m: respond(m.evaluate(x, **options)))

@@ -2,39 +2,38 @@
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Query, Response
 
-from service.deps import IMAGES_OPENAPI, ServedDep, read_images
-from service.inference import F32, MAX_SEED, draw_eps, fresh_seed
 from service.objective import reparameterize
-from service.schemas import EncodePublic, LatentPublic
+from service.parsing import IMAGES_OPENAPI, ImagesDep
+from service.runtime import F32, MAX_SEED, draw_eps, fresh_seed, off_loop
+from service.schemas import EncodePublic, json_response
 
 router = APIRouter(tags=["latents"])
 
 
-@router.post("/encode", openapi_extra=IMAGES_OPENAPI)
+@router.post("/encode", response_model=EncodePublic, openapi_extra=IMAGES_OPENAPI)
 async def encode(
-    request: Request,
-    served: ServedDep,
+    images: ImagesDep,
     sample: Annotated[bool, Query(description="also draw z = mu + sigma * eps")] = False,
     seed: Annotated[
         int | None, Query(ge=0, le=MAX_SEED, description="seed of eps; fresh when omitted")
     ] = None,
-) -> EncodePublic:
+) -> Response:
     """Encode images to mu and logvar of q(z|x), and a reparameterised draw z with sample=true."""
-    model, x = served.model, await read_images(request, served)
+    mu, logvar = await images.runtime.encode(images.x)
     used_seed = (fresh_seed() if seed is None else seed) if sample else None
+    return await off_loop(len(mu), encode_public, mu, logvar, used_seed)
 
-    def respond(mu: F32, logvar: F32) -> EncodePublic:
-        z = None
-        if used_seed is not None:
-            z = reparameterize(mu, logvar, draw_eps(used_seed, mu.shape)).tolist()
-        results = [
-            LatentPublic(mu=row, logvar=lv, z=None if z is None else z[i])
-            for i, (row, lv) in enumerate(zip(mu.tolist(), logvar.tolist(), strict=True))
-        ]
-        return EncodePublic(latent_dim=mu.shape[1], seed=used_seed, results=results)
 
-    if model.gathers(len(x)):  # small: one gathered encoder call, the response on the event loop
-        return respond(*await model.encode_gathered(x))
-    return await model.run(len(x), lambda m: respond(*m.encode(x)))
+def encode_public(mu: F32, logvar: F32, seed: int | None) -> Response:
+    """The response: mu and logvar per image, and z drawn with `seed` when there is one; made
+    by pydantic's compiled core in one pass (json_response)."""
+    z = None if seed is None else reparameterize(mu, logvar, draw_eps(seed, mu.shape)).tolist()
+    results = [
+        {"mu": row, "logvar": lv, "z": None if z is None else z[i]}
+        for i, (row, lv) in enumerate(zip(mu.tolist(), logvar.tolist(), strict=True))
+    ]
+    return json_response(
+        EncodePublic, {"latent_dim": mu.shape[1], "seed": seed, "results": results}
+    )

@@ -21,7 +21,7 @@ async def healthz() -> StatusPublic:
 )
 async def readyz(request: Request) -> StatusPublic:
     """The bundle is loaded and a warm-up inference has run; 503 before and while shutting down."""
-    if request.app.state.model is None:
+    if request.app.state.runtime is None:
         raise HTTPException(status_code=503, detail="not ready: the model bundle is not loaded")
     if request.app.state.draining:
         raise HTTPException(status_code=503, detail="not ready: shutting down")

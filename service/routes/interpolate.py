@@ -3,20 +3,13 @@
 from typing import Annotated, Literal
 
 import numpy as np
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Query, Response
 from pydantic import Field
 
-from service.deps import (
-    ServedDep,
-    images_openapi,
-    invalid,
-    over_limit,
-    read_images,
-)
-from service.inference import F32, Model
-from service.rendering import IMAGE_RESPONSES, choose_format, render_images
-from service.routes.decode import FORMAT_QUERY, decode_mean
-from service.schemas import ImagesPublic, OutputFormat
+from service.parsing import ImagesDep, images_openapi, invalid
+from service.rendering import IMAGE_RESPONSES, FormatDep, render_images
+from service.runtime import F32, off_loop
+from service.schemas import ImagesPublic
 
 router = APIRouter(tags=["latents"])
 
@@ -64,42 +57,36 @@ def interpolate(a: F32, b: F32, steps: int, mode: Mode) -> F32:
     openapi_extra=images_openapi(2),
 )
 async def interpolate_images(
-    request: Request,
-    served: ServedDep,
+    images: ImagesDep,
+    fmt: FormatDep,
     steps: Annotated[
-        int, Query(ge=2, description="points on the path, ends included (VAE_MAX_SAMPLE_N)")
+        int, Query(ge=2, description="points on the path, ends included (VAE_MAX_ROWS)")
     ] = 8,
     mode: Annotated[
         Mode, Query(description="linear, or slerp: great-circle direction, linear norm")
     ] = "linear",
-    output: Annotated[OutputFormat | None, FORMAT_QUERY] = None,
 ) -> ImagesPublic | Response:
     """Interpolate between two images: encode both to mu, walk between them, decode each point.
 
     Send exactly two images, a then b (multipart files in that order, e.g. fields `a` and `b`;
     or JSON `images` / `pixels` with two entries).
     """
-    model, settings = served.model, served.settings
-    x = await read_images(request, served)
+    runtime, x = images.runtime, images.x
     if len(x) != 2:
         raise invalid(("body", "images"), f"got {len(x)} image(s); send exactly two (a, then b)")
-    if steps > settings.max_sample_n:
-        raise over_limit(("query", "steps"), steps, settings.max_sample_n, "VAE_MAX_SAMPLE_N")
-    fmt = choose_format(output, request.headers.get("accept"))
-
-    def run(m: Model) -> ImagesPublic | Response:
-        mu, _ = m.encode(x)  # (2, D)
-        z = interpolate(mu[0], mu[1], steps, mode)  # (steps, D)
-        mean = decode_mean(m, z, ("body", "images"), "these images encode to extreme latents")
-        return render_images(
-            mean,
-            fmt,
-            m.manifest.likelihood,
-            public=InterpolatePublic,
-            columns=steps,  # a strip, a to b
-            mode=mode,
-            steps=steps,
-            z=z.tolist(),
-        )
-
-    return await model.run(steps, run)
+    runtime.check_rows(steps, f"steps = {steps} images")
+    mu, _ = await runtime.encode(x)  # (2, D)
+    z = await off_loop(steps, interpolate, mu[0], mu[1], steps, mode)  # (steps, D)
+    mean = await runtime.decode(z)
+    return await off_loop(
+        len(mean),
+        render_images,
+        mean,
+        fmt,
+        runtime.manifest.likelihood,
+        public=InterpolatePublic,
+        columns=steps,  # a strip, a to b
+        mode=mode,
+        steps=steps,
+        z=z,
+    )

@@ -30,7 +30,7 @@ def without_paths(value: Any) -> Any:
 async def model_info(served: ServedDep) -> ModelPublic:
     """The manifest (file paths cut to their last name): image shape, latent dim, likelihood,
     version, metrics and calibration."""
-    model = served.model
+    runtime = served.runtime
     return ModelPublic(
-        **without_paths(model.manifest.model_dump()), providers=model.bundle.providers
+        **without_paths(runtime.manifest.model_dump()), providers=runtime.bundle.providers
     )

@@ -2,12 +2,11 @@
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Query, Response
 
-from service.deps import IMAGES_OPENAPI, ServedDep, read_images
-from service.inference import F32, Model
-from service.rendering import IMAGE_RESPONSES, choose_format, png_base64, render_images
-from service.routes.decode import FORMAT_QUERY
+from service.parsing import IMAGES_OPENAPI, ImagesDep
+from service.rendering import IMAGE_RESPONSES, FormatDep, png_base64, render_images
+from service.runtime import F32, off_loop
 from service.schemas import ImagesPublic, OutputFormat, ReconstructPublic
 
 router = APIRouter(tags=["images"])
@@ -20,28 +19,22 @@ router = APIRouter(tags=["images"])
     openapi_extra=IMAGES_OPENAPI,
 )
 async def reconstruct(
-    request: Request,
-    served: ServedDep,
-    output: Annotated[OutputFormat | None, FORMAT_QUERY] = None,
+    images: ImagesDep,
+    fmt: FormatDep,
     inputs: Annotated[
         bool,
         Query(description="also return the inputs as the model saw them (JSON answers only)"),
     ] = False,
 ) -> ImagesPublic | Response:
     """Reconstruct images through the model (decoder mean at z = mu), to inspect anomalies."""
-    model, x = served.model, await read_images(request, served)
-    fmt = choose_format(output, request.headers.get("accept"))
+    mean = await images.runtime.reconstruct(images.x)
+    likelihood = images.runtime.manifest.likelihood
+    return await off_loop(len(mean), respond, images.x, mean, fmt, likelihood, inputs)
 
-    likelihood = model.manifest.likelihood
 
-    def respond(mean: F32) -> ImagesPublic | Response:
-        extra: dict[str, Any] = {"inputs": png_base64(x)} if inputs and fmt != "grid" else {}
-        return render_images(mean, fmt, likelihood, public=ReconstructPublic, **extra)
-
-    if model.gathers(len(x)):  # small: network calls gathered, rendered on the event loop
-        return respond(await model.reconstruct_gathered(x))
-
-    def run(m: Model) -> ImagesPublic | Response:
-        return respond(m.reconstruct(x))
-
-    return await model.run(len(x), run)
+def respond(
+    x: F32, mean: F32, fmt: OutputFormat, likelihood: str, inputs: bool
+) -> ImagesPublic | Response:
+    """The reconstructions, and with `inputs` the images as the model saw them (base64 PNGs)."""
+    extra: dict[str, Any] = {"inputs": png_base64(x)} if inputs and fmt != "grid" else {}
+    return render_images(mean, fmt, likelihood, public=ReconstructPublic, **extra)

@@ -9,7 +9,7 @@ unknown model or version, 401 without the API key (model endpoints, as for our o
 Spec: https://github.com/kserve/kserve/blob/master/docs/predict-api/v2/required_api.md
 """
 
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from enum import Enum
 from math import prod
@@ -23,8 +23,8 @@ from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
 
 from service import __version__
-from service.deps import ModelDep, SettingsDep, require_api_key
-from service.inference import F32, Model
+from service.deps import RuntimeDep, SettingsDep, require_api_key
+from service.runtime import F32, Runtime, off_loop
 from service.v2_schemas import (
     ErrorV2,
     InferenceRequest,
@@ -105,7 +105,7 @@ class Network:
     name: str
     inputs: dict[str, tuple[int, ...]]
     outputs: dict[str, tuple[int, ...]]
-    run: Callable[[F32], dict[str, F32]]
+    run: Callable[[F32], Awaitable[dict[str, F32]]]
     pixels: bool  # whether the input is an image in [0, 1]
 
     def metadata(self, version: str) -> ModelMetadata:
@@ -126,17 +126,18 @@ class Network:
         )
 
 
-def networks(model: Model) -> dict[str, Network]:
-    """The v2 models a bundle serves, by name."""
-    manifest = model.manifest
+def networks(runtime: Runtime) -> dict[str, Network]:
+    """The v2 models a bundle serves, by name: the raw graphs, each through its batcher."""
+    manifest = runtime.manifest
     image, d = manifest.input_shape, manifest.latent_dim
 
-    def encode(x: F32) -> dict[str, F32]:
-        mu, logvar = model.encode(x)
+    async def encode(x: F32) -> dict[str, F32]:
+        mu, logvar = await runtime.encoder(x)
         return {"mu": mu, "logvar": logvar}
 
-    def decode(z: F32) -> dict[str, F32]:
-        return {manifest.decoder_output: model.decode(z)}
+    async def decode(z: F32) -> dict[str, F32]:
+        (out,) = await runtime.decoder(z)
+        return {manifest.decoder_output: out}
 
     encoder = Network(
         f"{manifest.name}-encoder", {"x": image}, {"mu": (d,), "logvar": (d,)}, encode, True
@@ -147,20 +148,20 @@ def networks(model: Model) -> dict[str, Network]:
     return {net.name: net for net in (encoder, decoder)}
 
 
-async def get_network(request: Request, model: ModelDep, model_name: str) -> Network:
+async def get_network(request: Request, runtime: RuntimeDep, model_name: str) -> Network:
     """The v2 model named in the path, at the version in the path if any; 404 else."""
-    served = networks(model)
+    served = networks(runtime)
     if model_name not in served:
         raise HTTPException(
             status_code=404,
             detail=f"model {model_name!r} not found; this server has {', '.join(served)}",
         )
     version = request.path_params.get("model_version")
-    if version is not None and version != model.manifest.version:
+    if version is not None and version != runtime.manifest.version:
         raise HTTPException(
             status_code=404,
             detail=f"model {model_name!r} has no version {version!r}; "
-            f"it has {model.manifest.version!r}",
+            f"it has {runtime.manifest.version!r}",
         )
     return served[model_name]
 
@@ -214,14 +215,14 @@ async def live() -> Live:
 async def ready(request: Request) -> Response:
     """Every model is loaded and warmed up: 200; 400 before and while draining (the spec's 4xx)."""
     state = request.app.state
-    is_ready = state.model is not None and not getattr(state, "draining", False)
+    is_ready = state.runtime is not None and not getattr(state, "draining", False)
     return JSONResponse(Ready(ready=is_ready).model_dump(), status_code=200 if is_ready else 400)
 
 
 @model_routes("GET", "")
-async def model_metadata(network: NetworkDep, model: ModelDep) -> ModelMetadata:
+async def model_metadata(network: NetworkDep, runtime: RuntimeDep) -> ModelMetadata:
     """Model metadata: versions, platform, and the inputs and outputs with their shapes."""
-    return network.metadata(model.manifest.version)
+    return network.metadata(runtime.manifest.version)
 
 
 @model_routes("GET", "/ready")
@@ -245,7 +246,7 @@ def to_array(tensor: RequestInput, dims: tuple[int, ...], max_batch: int, pixels
         raise bad_request(f"input {name!r} has a batch of {batch}; send at least one row")
     if batch > max_batch:
         raise bad_request(
-            f"input {name!r} has a batch of {batch}, over the limit of {max_batch} (VAE_MAX_IMAGES)"
+            f"input {name!r} has a batch of {batch}, over the limit of {max_batch} (VAE_MAX_ROWS)"
         )
     try:
         data = np.asarray(tensor.data)
@@ -310,44 +311,50 @@ def _input(body: InferenceRequest, network: Network) -> RequestInput:
     strict_content_type=False,
 )
 async def infer(
-    body: InferenceRequest, network: NetworkDep, model: ModelDep, settings: SettingsDep
+    body: InferenceRequest, network: NetworkDep, runtime: RuntimeDep, settings: SettingsDep
 ) -> Response:
     """Run the model on JSON tensors (FP32, data flat row-major or nested to the shape)."""
     tensor = _input(body, network)
     wanted = select_outputs(body, network)
     dims = network.inputs[tensor.name]
+    rows = max(tensor.shape[0] if tensor.shape else 1, len(tensor.data) // max(1, prod(dims)))
+    array = await off_loop(rows, to_array, tensor, dims, settings.max_rows, network.pixels)
+    results = await network.run(array)
+    return await off_loop(rows, _respond, body, network, runtime, wanted, results)
 
-    def run() -> Response:
-        array = to_array(tensor, dims, settings.max_images, network.pixels)
-        results = network.run(array)
-        outputs = []
-        for name in wanted:
-            value = results[name]
-            bad = ~np.isfinite(value.reshape(len(value), -1)).all(axis=1)
-            if bad.any():
-                raise bad_request(
-                    f"output {name!r} is not finite for rows {np.flatnonzero(bad).tolist()}; "
-                    "send inputs of a sensible size"
-                )
-            outputs.append(
-                {
-                    "name": name,
-                    "shape": list(value.shape),
-                    "datatype": DATATYPE,
-                    "data": value.ravel().tolist(),
-                }
+
+def _respond(
+    body: InferenceRequest,
+    network: Network,
+    runtime: Runtime,
+    wanted: list[str],
+    results: dict[str, F32],
+) -> Response:
+    """The protocol's response with the `wanted` outputs; 400 for outputs that are not finite."""
+    outputs = []
+    for name in wanted:
+        value = results[name]
+        bad = ~np.isfinite(value.reshape(len(value), -1)).all(axis=1)
+        if bad.any():
+            raise bad_request(
+                f"output {name!r} is not finite for rows {np.flatnonzero(bad).tolist()}; "
+                "send inputs of a sensible size"
             )
-        answer: dict[str, Any] = {
-            "model_name": network.name,
-            "model_version": model.manifest.version,
-        }
-        if body.id is not None:
-            answer["id"] = body.id
-        return JSONResponse({**answer, "outputs": outputs})
-
-    # counted, so small requests meanwhile join the workers; a compute slot for a full batch
-    rows = tensor.shape[0] if tensor.shape else 1
-    return await model.offload(run, rows=rows)
+        outputs.append(
+            {
+                "name": name,
+                "shape": list(value.shape),
+                "datatype": DATATYPE,
+                "data": value.ravel().tolist(),
+            }
+        )
+    answer: dict[str, Any] = {
+        "model_name": network.name,
+        "model_version": runtime.manifest.version,
+    }
+    if body.id is not None:
+        answer["id"] = body.id
+    return JSONResponse({**answer, "outputs": outputs})
 
 
 # both carry the /v2 prefix themselves: FastAPI gives a nested router's route, without its outer

@@ -87,8 +87,10 @@ def test_elbo_matches_an_upload(vae: VAEClient, server: httpx.Client) -> None:
 
 
 def test_errors_carry_the_servers_detail(vae: VAEClient) -> None:
-    with pytest.raises(VAEError, match=r"^422: body: .*VAE_MAX_IMAGES") as info:
-        vae.elbo(np.zeros((65, 28, 28), np.uint8))
+    with pytest.raises(
+        VAEError, match=r"^422: request: .*= 10000 network rows.*VAE_MAX_ROWS"
+    ) as info:
+        vae.elbo(np.zeros((2, 28, 28), np.uint8), k=5000)
     assert info.value.status == 422
     with pytest.raises(VAEError, match=r"422: .*latent"):
         vae.decode(np.zeros((1, 3), np.float32))

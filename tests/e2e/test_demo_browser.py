@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ import httpx
 import numpy as np
 import pytest
 
+from tests.conftest import LiveServerFactory
 from tests.e2e import test_server as e2e
 
 CHROMIUM = Path(os.environ.get("VAE_TEST_CHROMIUM", "/usr/bin/chromium"))
@@ -183,15 +183,9 @@ def test_a_dropped_file_that_is_not_an_image_shows_the_error(page: Page) -> None
     assert alert.get_attribute("role") == "alert"
 
 
-def test_the_api_key_field(browser: Any, bundle: Path) -> None:
-    process, url = e2e.serve(bundle, env={"VAE_API_KEY": "s3cret"})
-    try:
-        deadline = time.monotonic() + e2e.START_TIMEOUT
-        while not _ready(url):
-            assert process.poll() is None, e2e.stop(process)
-            assert time.monotonic() < deadline, e2e.stop(process)
-            time.sleep(0.2)
-        p = Page(browser, url).page
+def test_the_api_key_field(browser: Any, bundle: Path, live_server: LiveServerFactory) -> None:
+    with live_server(bundle, env={"VAE_API_KEY": "s3cret"}) as server:
+        p = Page(browser, server.url).page
         p.click("#sample-button")
         p.locator("#sample-status.error").wait_for()
         assert "401" in (p.text_content("#sample-status") or "")
@@ -203,15 +197,6 @@ def test_the_api_key_field(browser: Any, bundle: Path) -> None:
         p.reload()  # the key survives a reload within the session
         assert p.input_value("#api-key") == "s3cret"
         p.close()
-    finally:
-        e2e.stop(process)
-
-
-def _ready(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/readyz", timeout=5.0).status_code == 200
-    except httpx.TransportError:
-        return False
 
 
 # ReDoc's standalone bundle hard-codes the "API docs by Redocly" footer logo from its CDN (no

@@ -16,10 +16,11 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.e2e.test_server import serve, stop, wait_ready
+from tests.live import live_server
 from tests.service.helpers import encode, files, noise, rewrite_manifest
 
 SLOW = {"k": 1000}  # 64 images x k=1000: 64,000 decoder rows, about 3 s on two cores
+KEY = {"X-API-Key": "s3cret"}
 
 
 def slow_body(count: int = 64) -> list[tuple[str, tuple[str, bytes, str]]]:
@@ -30,15 +31,19 @@ def slow_body(count: int = 64) -> list[tuple[str, tuple[str, bytes, str]]]:
 def server(
     bundle: Path, **env: str
 ) -> Iterator[tuple[subprocess.Popen[str], httpx.Client, list[str]]]:
-    """A ready server; yields the process, a client and, after it stops, its output."""
-    process, url = serve(bundle, "--log-level", "info", env=env)
+    """A ready server (its budget raised for SLOW requests, admin on with KEY); yields the process,
+    a client sending KEY and, after it stops, its output."""
+    env = {"VAE_MAX_ROWS": "64000", "VAE_API_KEY": KEY["X-API-Key"], **env}
     output: list[str] = []
-    wait_ready(process, url)
-    with httpx.Client(base_url=url, timeout=60.0) as client:
+    with (
+        live_server(bundle, "--log-level", "info", env=env) as running,
+        running.client(headers=KEY) as client,
+    ):
         try:
-            yield process, client, output
+            yield running.process, client, output
         finally:
-            output.append(stop(process))
+            running.stop()
+            output.append(running.output)
 
 
 def in_background(call: Any, *args: Any, **kwargs: Any) -> tuple[threading.Thread, list[Any]]:
@@ -66,7 +71,7 @@ def test_requests_in_flight_finish_on_the_model_they_started_with(
 ) -> None:
     body = slow_body(32)
     root = str(tiny_gaussian_bundle.parent)
-    with server(tiny_bundle, VAE_ADMIN_OPEN="true", VAE_MODELS_ROOT=root) as (_, client, _output):
+    with server(tiny_bundle, VAE_MODELS_ROOT=root) as (_, client, _output):
         before = client.post("/elbo", files=body, params=SLOW)
         assert before.status_code == 200
         thread, during = in_background(client.post, "/elbo", files=body, params=SLOW)
@@ -145,3 +150,30 @@ def test_sigterm_without_delay_still_finishes_the_request(tiny_bundle: Path, del
         process.wait(timeout=30)
     assert process.returncode in (0, -signal.SIGTERM)
     assert "Traceback" not in output[0]
+
+
+def test_workers_each_serve_on_their_own_socket_and_share_signals(tiny_bundle: Path) -> None:
+    """`vae serve --workers 2`: two processes serve the port; SIGHUP reloads and SIGTERM stops
+    both."""
+    with live_server(tiny_bundle, "--workers", "2", "--log-level", "info") as running:
+        children = Path(f"/proc/{running.process.pid}/task/{running.process.pid}/children")
+        workers = [  # multiprocessing also starts its resource tracker
+            pid
+            for pid in children.read_text().split()
+            if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        ]
+        assert len(workers) == 2
+        deadline = time.monotonic() + 30  # the second worker may still be loading
+        while running.output.count("ready: serving tiny-bernoulli") < 2:
+            assert time.monotonic() < deadline, running.output
+            time.sleep(0.1)
+        for _ in range(8):  # a new connection each time: the kernel picks a worker for each
+            with running.client() as client:
+                assert client.post("/encode", json={"pixels": [[[0.5]]]}).status_code == 200
+        running.process.send_signal(signal.SIGHUP)
+        while running.output.count("reloaded tiny-bernoulli") < 2:
+            assert time.monotonic() < deadline + 30, running.output
+            time.sleep(0.1)
+        assert running.stop() == 0
+    assert all(not Path(f"/proc/{pid}").exists() for pid in workers)
+    assert "Traceback" not in running.output

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tests.e2e.test_server import DEFAULT_BUNDLE, REPO, serve, stop, wait_ready
+from tests.conftest import DEFAULT_BUNDLE, REPO, LiveServerFactory
 
 README = REPO / "README.md"
 
@@ -22,11 +22,9 @@ def readme_curls() -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def base_url() -> Iterator[str]:
-    process, url = serve(DEFAULT_BUNDLE)
-    wait_ready(process, url)
-    yield url
-    stop(process)
+def base_url(live_server: LiveServerFactory) -> Iterator[str]:
+    with live_server(DEFAULT_BUNDLE) as server:
+        yield server.url
 
 
 def test_the_readme_has_examples_for_every_endpoint() -> None:

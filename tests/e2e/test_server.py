@@ -11,10 +11,8 @@ import io
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,16 +22,11 @@ import pytest
 from PIL import Image
 
 from service.settings import DEFAULT_BUNDLE
+from tests import live
+from tests.conftest import LiveServerFactory
 
 REPO = Path(__file__).resolve().parents[2]
 UPLOAD_LIMIT = 256 * 1024
-START_TIMEOUT = 60.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def png(pixels: np.ndarray) -> bytes:
@@ -43,58 +36,14 @@ def png(pixels: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def serve(
-    bundle: Path, *args: str, env: dict[str, str] | None = None
-) -> tuple[subprocess.Popen[str], str]:
-    port = free_port()
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("VAE_")}
-    environ.update(env or {})
-    command = [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1"]
-    command += ["--port", str(port), "--bundle", str(bundle), "--log-level", "warning", *args]
-    process = subprocess.Popen(
-        command, cwd=REPO, env=environ, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    return process, f"http://127.0.0.1:{port}"
-
-
-def stop(process: subprocess.Popen[str]) -> str:
-    """Stop the server (SIGTERM, then SIGKILL) and return its output."""
-    if process.poll() is None:
-        process.terminate()
-    try:
-        output, _ = process.communicate(timeout=15)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        output, _ = process.communicate()
-    return output
-
-
-def wait_ready(process: subprocess.Popen[str], url: str, timeout: float = START_TIMEOUT) -> None:
-    """Poll /readyz until 200; fail with the server's output if it exits or takes too long."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if process.poll() is not None:
-            pytest.fail(f"the server exited with {process.returncode}:\n{stop(process)}")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=5.0).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            pytest.fail(f"the server was not ready within {timeout} s:\n{stop(process)}")
-        time.sleep(0.2)
-
-
 @pytest.fixture(scope="module")
-def server(bundle: Path) -> Iterator[httpx.Client]:
-    process, url = serve(bundle, env={"VAE_MAX_UPLOAD_BYTES": str(UPLOAD_LIMIT)})
-    wait_ready(process, url)
-    with httpx.Client(base_url=url, timeout=30.0) as client:
+def server(bundle: Path, live_server: LiveServerFactory) -> Iterator[httpx.Client]:
+    env = {"VAE_MAX_UPLOAD_BYTES": str(UPLOAD_LIMIT)}
+    with live_server(bundle, env=env) as running, running.client(timeout=30.0) as client:
         yield client
-    output = stop(process)
     # uvicorn shuts down gracefully, then re-raises SIGTERM so the exit status reports it
-    assert process.returncode in (0, -signal.SIGTERM), output
-    assert "Traceback" not in output, output
+    assert running.process.returncode in (0, -signal.SIGTERM), running.output
+    assert "Traceback" not in running.output, running.output
 
 
 @pytest.fixture(scope="module")
@@ -208,7 +157,7 @@ def test_start_up_failures_are_clear(tiny_bundle: Path, tmp_path: Path) -> None:
             "service.main:create_app",
             "--factory",
             "--port",
-            str(free_port()),
+            str(live.free_port()),
         ],
         cwd=REPO,
         env={
@@ -222,11 +171,15 @@ def test_start_up_failures_are_clear(tiny_bundle: Path, tmp_path: Path) -> None:
     assert process.returncode != 0
     assert "decoder.onnx has 7 bytes, the manifest says" in process.stderr
 
-    cuda, _ = serve(tiny_bundle, "--device", "cuda")
-    output = stop(cuda) if cuda.wait(timeout=60) is None else cuda.communicate()[0]
-    if "CUDAExecutionProvider" not in output and cuda.returncode == 0:
+    cuda = live.start(live.vae_serve(tiny_bundle, "--device", "cuda"), live.server_env())
+    try:
+        cuda.process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        cuda.stop()
         pytest.skip("this machine has CUDA")
-    assert cuda.returncode == 2
+    cuda.stop()
+    output = cuda.output
+    assert cuda.process.returncode == 2
     assert "device cuda asked for, but onnxruntime has no CUDAExecutionProvider" in output
     assert "(set by --device)" in output
 

@@ -10,9 +10,9 @@ from sklearn.metrics import roc_auc_score
 
 from model.calibrate import DEFAULT_CANDIDATES, OUTLIERS, calibrate, score, synthesise
 from service.bundle import load_bundle
-from service.inference import Model
 from service.metrics import Metrics
 from service.objective import value_at
+from service.runtime import Runtime
 
 
 @pytest.mark.parametrize("shape", [(6, 1, 28, 28), (5, 3, 16, 12)])
@@ -47,7 +47,7 @@ def test_selection_and_false_positive_rate(tiny_bundle: Path) -> None:
     )
     assert sel["default_from"] == "selection" and set(sel["outliers"]) == set(OUTLIERS)
     # one figure recomputed independently: blur_recon_contrast, blank (constant) images
-    model = Model(load_bundle(tiny_bundle), Metrics())
+    model = Runtime(load_bundle(tiny_bundle), Metrics(), max_rows=1 << 30)
     normal = score(model, x, "blur_recon_contrast", 0, 3)
     blank = score(model, synthesise(x, 3)["constant"], "blur_recon_contrast", 0, 3)
     auc = roc_auc_score(np.r_[np.zeros(40), np.ones(40)], np.r_[normal, blank])

@@ -18,7 +18,7 @@ MakeClient = Callable[..., AbstractContextManager[TestClient]]
 
 @pytest.fixture
 def make_client(tiny_bundle: Path) -> MakeClient:
-    """`with make_client(max_images=2) as client:` runs the lifespan with those settings."""
+    """`with make_client(max_rows=2) as client:` runs the lifespan with those settings."""
 
     @contextmanager
     def make(bundle: Path | None = None, **settings: Any) -> Iterator[TestClient]:

@@ -10,19 +10,16 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from service.inference import Model
+from service.bundle import Bundle
 from service.main import create_app
 from service.settings import Settings
 from tests.service.conftest import MakeClient
 from tests.service.helpers import encode, files, noise, png_header_only, stroke
 
 LIMITS = {
-    "max_images": 3,
+    "max_rows": 20,
     "max_upload_bytes": 64 * 1024,
     "max_pixels": 100_000,
-    "max_sample_n": 10,
-    "max_k": 20,
-    "max_samples": 5,
     "max_map_pixels": 2 * 28 * 28,
 }
 PNG = encode(stroke())
@@ -89,15 +86,15 @@ IMAGE_CASES = [
     ),
     (
         "too-many-images",
-        {"files": files(PNG, PNG, PNG, PNG)},
+        {"files": files(*[PNG] * 21)},
         422,
-        "body.images: Input should be less than or equal to 3 (VAE_MAX_IMAGES); got 4",
+        "body.images: Input should be less than or equal to 20 (VAE_MAX_ROWS); got 21",
     ),
     (
         "too-many-arrays",
-        {"json": {"pixels": [stroke().tolist()] * 4}},
+        {"json": {"pixels": [[[0.0, 1.0], [1.0, 0.0]]] * 21}},
         422,
-        "body.pixels: Input should be less than or equal to 3 (VAE_MAX_IMAGES); got 4",
+        "body.pixels: Input should be less than or equal to 20 (VAE_MAX_ROWS); got 21",
     ),
     (
         "body-over-limit",
@@ -251,9 +248,10 @@ DECODE_CASES = [
     ),
     (
         "too-many-rows",
-        {"json": {"z": [Z8] * 4}},
+        {"json": {"z": [Z8] * 21}},
         422,
-        "body.z: Input should be less than or equal to 3 (VAE_MAX_IMAGES)",
+        "request: this request needs 21 latent vectors = 21 network rows, over the per-request "
+        "budget of 20 rows (VAE_MAX_ROWS)",
     ),
     ("empty", {"json": {"z": []}}, 422, "body.z: List should have at least 1 item"),
     ("flat", {"json": {"z": Z8}}, 422, "body.z.0: Input should be a valid list"),
@@ -291,7 +289,11 @@ def test_bad_decode(limited: TestClient, kwargs: dict, status: int, expected: st
     [
         ({"n": 0}, "query.n: Input should be greater than or equal to 1"),
         ({"n": -3}, "query.n: Input should be greater than or equal to 1"),
-        ({"n": 11}, "query.n: Input should be less than or equal to 10 (VAE_MAX_SAMPLE_N); got 11"),
+        (
+            {"n": 21},
+            "request: this request needs n = 21 images = 21 network rows, over the per-request "
+            "budget of 20 rows (VAE_MAX_ROWS); send fewer images or draws",
+        ),
         ({"n": "many"}, "query.n: Input should be a valid integer"),
         ({"n": 2.5}, "query.n: Input should be a valid integer"),
         ({"temperature": 0}, "query.temperature: Input should be greater than 0"),
@@ -310,11 +312,15 @@ def test_bad_sample(limited: TestClient, params: dict, expected: str) -> None:
 @pytest.mark.parametrize(
     "params, expected",
     [
-        ({"k": 21}, "query.k: Input should be less than or equal to 20 (VAE_MAX_K); got 21"),
+        (
+            {"k": 21},
+            "request: this request needs 1 images x 21 draws = 21 network rows, over the "
+            "per-request budget of 20 rows (VAE_MAX_ROWS)",
+        ),
         ({"k": 0}, "query.k: Input should be greater than or equal to 1"),
         (
-            {"samples": 6},
-            "query.samples: Input should be less than or equal to 5 (VAE_MAX_SAMPLES); got 6",
+            {"samples": 21, "k": 3},
+            "request: this request needs 1 images x 21 draws = 21 network rows",
         ),
         ({"samples": 0}, "query.samples: Input should be greater than or equal to 1"),
         (
@@ -368,16 +374,15 @@ def test_pixel_arrays_over_the_pixel_limit(make_client: MakeClient) -> None:
 def test_non_finite_decoder_output_is_a_422(
     make_client: MakeClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(  # every decoder call, batched, gathered or direct, goes through it
-        Model, "_run_decoder", lambda self, z: (np.full((len(z), 1, 28, 28), np.nan, np.float32),)
-    )
+    nan = np.full((2, 1, 28, 28), np.nan, np.float32)
     with make_client() as client:
+        monkeypatch.setattr(Bundle, "decode", lambda self, z: nan[: len(z)])
         response = client.post("/decode", json={"z": [Z8, Z8]})
-        check(response, 422, "body.z: the decoder output is not finite for rows [0 1]; use latent")
-        sample = client.get("/sample", params={"n": 1})
         check(
-            sample,
+            response,
             422,
-            "query.temperature: the decoder output is not finite for rows [0]; "
-            "lower the temperature",
+            "request: the decoder output is not finite for rows [0 1]; send latent values of a "
+            "sensible size",
         )
+        sample = client.get("/sample", params={"n": 1})
+        check(sample, 422, "the decoder output is not finite for rows [0]; send latent values")

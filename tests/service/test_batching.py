@@ -1,13 +1,13 @@
-"""Dynamic micro-batching: the Batcher itself, and /encode and /elbo through it over HTTP."""
+"""Micro-batching as clients and callers see it: batched equals unbatched, a full queue answers 503,
+a failure reaches every caller, and the event loop is never blocked by work that grows."""
 
 from __future__ import annotations
 
 import asyncio
 import os
-import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -15,351 +15,89 @@ from typing import Any
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from prometheus_client import Histogram
-from pydantic import ValidationError
 
-from service.batching import EARLY_ROWS, Batcher, Gatherer, QueueFull
-from service.bundle import ScoreName as Score
-from service.bundle import load_bundle
-from service.inference import BatchPolicy, Model, available_cpus
+import service.batching
+from service.batching import INLINE_ROWS, MicroBatcher, QueueFull
+from service.bundle import Bundle, ScoreName, load_bundle
 from service.metrics import Metrics
-from service.settings import Settings
+from service.runtime import Runtime, available_cpus
 from tests.service.conftest import MakeClient
 from tests.service.helpers import encode, files, noise, stroke
 
-F32 = np.ndarray[Any, np.dtype[np.float32]]
-REQUESTS = 48
+REQUESTS = 12
+NETWORK_S = 0.02  # a slow network: calls made while one runs queue up and share the next
 
 
-def histogram() -> Any:
-    return Histogram("queue_seconds", "test", ["network"], registry=None).labels("test")
+@pytest.fixture
+def slow_networks(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
+    """Every onnxruntime call takes NETWORK_S longer; yields the row counts of encoder calls."""
+    encode_rows, decode_rows = Bundle.encode, Bundle.decode
+    calls: list[int] = []
+
+    def slow_encode(self: Bundle, x: Any) -> Any:
+        calls.append(len(x))
+        time.sleep(NETWORK_S)
+        return encode_rows(self, x)
+
+    def slow_decode(self: Bundle, z: Any) -> Any:
+        time.sleep(NETWORK_S)
+        return decode_rows(self, z)
+
+    monkeypatch.setattr(Bundle, "encode", slow_encode)
+    monkeypatch.setattr(Bundle, "decode", slow_decode)
+    yield calls
 
 
-class Recorder:
-    """A row-wise function (rows times two, and their sum) that records the batch sizes it saw."""
-
-    def __init__(self, gate: threading.Event | None = None) -> None:
-        self.calls: list[int] = []
-        self.gate = gate
-        self.entered = threading.Event()
-
-    def __call__(self, x: F32) -> tuple[F32, F32]:
-        self.entered.set()
-        if self.gate is not None:
-            assert self.gate.wait(10)
-        self.calls.append(len(x))
-        return 2 * x, x.sum(axis=1)
-
-
-def batcher(fn: Callable[[F32], tuple[F32, ...]], **policy: Any) -> Batcher:
-    options = {"max_batch_size": 64, "max_delay_s": 0.05, "max_queue": 256, "workers": 1}
-    return Batcher("test", fn, **{**options, **policy}, queue_time=histogram())
-
-
-def test_each_caller_gets_exactly_its_own_rows() -> None:
-    fn = Recorder()
-    batches = batcher(fn)
-    inputs = [np.full((1 + i % 3, 4), i, dtype=np.float32) for i in range(REQUESTS)]
-    with ThreadPoolExecutor(REQUESTS) as pool:
-        results = list(pool.map(batches, inputs))
-    batches.close()
-    for x, (doubled, total) in zip(inputs, results, strict=True):
-        np.testing.assert_array_equal(doubled, 2 * x)
-        np.testing.assert_array_equal(total, x.sum(axis=1))
-    assert sum(fn.calls) == sum(len(x) for x in inputs)
-    assert len(fn.calls) < REQUESTS / 4 and max(fn.calls) <= 64  # really batched, never over
-
-
-def test_a_lone_request_waits_at_most_the_delay() -> None:
-    batches = batcher(Recorder(), max_delay_s=0.02)
-    start = time.perf_counter()
-    batches(np.ones((1, 4), dtype=np.float32))
-    assert time.perf_counter() - start < 0.5
-    batches.close()
-
-
-def test_a_full_batch_runs_at_once_in_the_callers_thread() -> None:
-    fn = Recorder()
-    batches = batcher(fn, max_batch_size=4, max_delay_s=10.0)
-    doubled, _ = batches(np.ones((4, 2), dtype=np.float32))
-    assert fn.calls == [4] and doubled.shape == (4, 2)
-    batches.close()
-
-
-def test_a_full_queue_refuses_and_the_rest_complete() -> None:
-    gate = threading.Event()
-    fn = Recorder(gate)
-    batches = batcher(fn, max_queue=2, max_batch_size=2, max_delay_s=0.0)
-    x = np.ones((1, 4), dtype=np.float32)
-    with ThreadPoolExecutor(8) as pool:
-        running = pool.submit(batches, x)
-        assert fn.entered.wait(10)  # the worker holds it: the queue is empty again
-        futures = [pool.submit(batches, x) for _ in range(7)]
-        deadline = time.monotonic() + 5
-        while sum(f.done() for f in futures) < 5 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        gate.set()
-        outcomes = [f.exception(timeout=10) for f in futures]
-    assert running.exception() is None
-    refused = [e for e in outcomes if e is not None]
-    # 1 running, 2 waiting, 5 refused
-    assert len(refused) == 5 and all(isinstance(e, QueueFull) for e in refused)
-    assert "batch queue holds 2 requests (VAE_MAX_QUEUE = 2); retry later" in str(refused[0])
-    assert sum(fn.calls) == 3
-    batches.close()
-
-
-def test_a_failing_call_fails_every_caller_of_the_batch() -> None:
-    def broken(x: F32) -> tuple[F32]:
-        raise RuntimeError("onnxruntime fell over")
-
-    batches = batcher(broken)
-    with ThreadPoolExecutor(4) as pool:
-        futures = [pool.submit(batches, np.ones((1, 2), dtype=np.float32)) for _ in range(4)]
-        for future in futures:
-            with pytest.raises(RuntimeError, match="fell over"):
-                future.result(timeout=10)
-    batches.close()
-
-
-def test_after_close_calls_run_unbatched() -> None:
-    fn = Recorder()
-    batches = batcher(fn)
-    batches.close()
-    doubled, _ = batches(np.ones((1, 2), dtype=np.float32))
-    assert fn.calls == [1] and doubled.tolist() == [[2.0, 2.0]]
-
-
-class ThreadRecorder(Recorder):
-    """A Recorder that also notes whether each call ran on the event loop's thread."""
-
-    def __init__(self, gate: threading.Event | None = None) -> None:
-        super().__init__(gate)
-        self.on_loop: list[bool] = []
-
-    def __call__(self, x: F32) -> tuple[F32, F32]:
-        self.on_loop.append(threading.current_thread() is threading.main_thread())
-        return super().__call__(x)
-
-
-def gather(fn: Recorder, inline_max_rows: int = 16, **policy: Any) -> Gatherer:
-    options = {"max_delay_s": 0.0, **policy}
-    return Gatherer(batcher(fn, **options), inline_max_rows)
-
-
-async def call_all(gatherer: Gatherer, inputs: list[F32]) -> list[Any]:
-    """Every input in its own task, all at once; each outcome (outputs or exception), in order."""
-    return await asyncio.gather(*(gatherer(x) for x in inputs), return_exceptions=True)
-
-
-def test_gathered_calls_share_jobs_and_each_gets_exactly_its_own_rows() -> None:
-    fn = ThreadRecorder()
-    gatherer = gather(fn, max_batch_size=8)
-    inputs = [np.full((1 + i % 3, 4), i, dtype=np.float32) for i in range(REQUESTS)]
-    results = asyncio.run(call_all(gatherer, inputs))
-    gatherer.batcher.close()
-    for x, (doubled, total) in zip(inputs, results, strict=True):
-        np.testing.assert_array_equal(doubled, 2 * x)
-        np.testing.assert_array_equal(total, x.sum(axis=1))
-    assert sum(fn.calls) == sum(len(x) for x in inputs)
-    assert max(fn.calls) <= 8 and len(fn.calls) < REQUESTS / 2  # shared, never over a batch
-    assert not any(fn.on_loop) and gatherer.out == 0  # in the batcher's thread, all back
-
-
-@pytest.mark.parametrize(
-    "rows, inline_max_rows, on_loop",
-    [(1, 16, True), (16, 16, True), (17, 16, False), (1, 0, False)],
-)
-def test_a_lone_small_call_runs_on_the_event_loop(
-    rows: int, inline_max_rows: int, on_loop: bool
-) -> None:
-    fn = ThreadRecorder()
-    gatherer = gather(fn, inline_max_rows)
-    x = np.ones((rows, 2), dtype=np.float32)
-    doubled, _ = asyncio.run(gatherer(x))
-    gatherer.batcher.close()
-    np.testing.assert_array_equal(doubled, 2 * x)
-    assert fn.on_loop == [on_loop]
-
-
-def test_while_a_job_is_out_a_lone_call_joins_the_batcher() -> None:
-    gate = threading.Event()
-    fn = ThreadRecorder(gate)
-    gatherer = gather(fn)
-    x = np.ones((1, 2), dtype=np.float32)
-
-    async def scenario() -> None:
-        first = asyncio.gather(*(gatherer(x) for _ in range(2)))  # two: handed to the batcher
-        while not fn.entered.is_set():
-            await asyncio.sleep(0.001)
-        assert gatherer.out == 1
-        second = asyncio.ensure_future(gatherer(x))  # alone, but one job is out
-        await asyncio.sleep(0.01)
-        gate.set()
-        await first
-        await second
-
-    asyncio.run(scenario())
-    gatherer.batcher.close()
-    assert fn.on_loop == [False, False] and fn.calls == [2, 1]
-
-
-def test_parked_rows_go_to_the_batcher_early_once_enough_are_parked() -> None:
-    fn = Recorder()
-    gatherer = gather(fn)
-    assert gatherer.early_rows == EARLY_ROWS == 8
-    submitted: list[tuple[int, int]] = []
-    submit = gatherer.batcher.submit
-
-    def spy(x: F32, requests: int = 1) -> Any:
-        submitted.append((len(x), requests))
-        return submit(x, requests)
-
-    gatherer.batcher.submit = spy  # type: ignore[method-assign]
-    inputs = [np.full((4, 2), i, dtype=np.float32) for i in range(3)]
-    results = asyncio.run(call_all(gatherer, inputs))
-    gatherer.batcher.close()
-    # the first two (8 rows) left as soon as the second was parked; the third at the round's end
-    assert submitted == [(8, 2), (4, 1)]
-    for x, (doubled, _) in zip(inputs, results, strict=True):
-        np.testing.assert_array_equal(doubled, 2 * x)
-
-
-def test_a_full_queue_refuses_whole_groups_and_the_rest_complete() -> None:
-    gate = threading.Event()
-    fn = Recorder(gate)
-    gatherer = gather(fn, inline_max_rows=0, max_queue=2, workers=1)
-    x = np.ones((1, 2), dtype=np.float32)
-
-    async def scenario() -> list[Any]:
-        running = asyncio.ensure_future(gatherer(x))
-        while not fn.entered.is_set():  # the worker holds it: the queue is empty again
-            await asyncio.sleep(0.001)
-        waiting = asyncio.ensure_future(call_all(gatherer, [x] * 3))  # one job of 3 requests
-        await asyncio.sleep(0.01)
-        refused = await call_all(gatherer, [x] * 2)  # 3 wait, over VAE_MAX_QUEUE = 2
-        gate.set()
-        return [await running, *await waiting, *refused]
-
-    outcomes = asyncio.run(scenario())
-    gatherer.batcher.close()
-    assert all(isinstance(o, tuple) for o in outcomes[:4])
-    assert all(isinstance(o, QueueFull) for o in outcomes[4:])
-    assert "batch queue holds 3 requests (VAE_MAX_QUEUE = 2); retry later" in str(outcomes[4])
-    assert fn.calls == [1, 3] and gatherer.out == 0
-
-
-@pytest.mark.parametrize("inline_max_rows", [16, 0])
-def test_a_failing_call_fails_every_gathered_caller(inline_max_rows: int) -> None:
-    def broken(x: F32) -> tuple[F32]:
-        raise RuntimeError("onnxruntime fell over")
-
-    gatherer = Gatherer(batcher(broken), inline_max_rows)
-    inputs = [np.ones((1, 2), dtype=np.float32)] * 4
-    for outcome in [
-        *asyncio.run(call_all(gatherer, inputs)),
-        *asyncio.run(call_all(gatherer, inputs[:1])),
-    ]:
-        assert isinstance(outcome, RuntimeError) and "fell over" in str(outcome)
-    gatherer.batcher.close()
-    assert gatherer.out == 0
-
-
-def test_after_close_gathered_calls_still_complete_off_the_loop() -> None:
-    fn = ThreadRecorder()
-    gatherer = gather(fn)
-    gatherer.batcher.close()
-    inputs = [np.full((1, 2), i, dtype=np.float32) for i in range(3)]
-    results = asyncio.run(call_all(gatherer, inputs))
-    assert [r[0].tolist() for r in results] == [[[0.0, 0.0]], [[2.0, 2.0]], [[4.0, 4.0]]]
-    assert fn.calls == [3] and fn.on_loop == [False] and gatherer.out == 0
-
-
-def test_a_cancelled_caller_leaves_the_others_their_rows() -> None:
-    gate = threading.Event()
-    fn = Recorder(gate)
-    gatherer = gather(fn)
-    inputs = [np.full((1, 2), i, dtype=np.float32) for i in range(3)]
-
-    async def scenario() -> list[Any]:
-        tasks = [asyncio.ensure_future(gatherer(x)) for x in inputs]
-        while not fn.entered.is_set():
-            await asyncio.sleep(0.001)
-        tasks[1].cancel()  # its client went away while the batch ran
-        gate.set()
-        return await asyncio.gather(*tasks, return_exceptions=True)
-
-    first, cancelled, last = asyncio.run(scenario())
-    gatherer.batcher.close()
-    assert isinstance(cancelled, asyncio.CancelledError)
-    assert first[0].tolist() == [[0.0, 0.0]] and last[0].tolist() == [[4.0, 4.0]]
-
-
-@pytest.mark.parametrize(
-    "setting, value",
-    [
-        ("max_batch_size", 0),
-        ("max_batch_delay_ms", -1),
-        ("max_queue", 0),
-        ("batching", "maybe"),
-        ("inline_max_rows", -1),
-        ("inline_max_rows", 70000),
-    ],
-)
-def test_bad_batching_settings_stop_start_up(setting: str, value: object) -> None:
-    with pytest.raises(ValidationError, match=setting):
-        Settings(**{setting: value})
-
-
-def images(count: int) -> list[bytes]:
-    return [encode(noise(seed)) for seed in range(count)]
+def post(client: TestClient, path: str, body: bytes, seed: int, **params: Any) -> Any:
+    """POST one image with `seed`; the JSON body."""
+    response = client.post(path, files=files(body), params={**params, "seed": seed})
+    assert response.status_code == 200, response.text
+    return response.json()
 
 
 def post_all(client: TestClient, path: str, bodies: list[bytes], **params: Any) -> list[Any]:
     """POST one image per request, all at once from as many threads; the JSON bodies, in order."""
-
-    def post(i: int) -> Any:
-        response = client.post(path, files=files(bodies[i]), params={**params, "seed": i})
-        assert response.status_code == 200, response.text
-        return response.json()
-
     with ThreadPoolExecutor(len(bodies)) as pool:
-        return list(pool.map(post, range(len(bodies))))
+        return list(
+            pool.map(lambda i: post(client, path, bodies[i], i, **params), range(len(bodies)))
+        )
 
 
 @pytest.mark.parametrize(
-    "path, params", [("/encode", {"sample": "true"}), ("/elbo", {"k": 8, "samples": 2})]
+    "path, params",
+    [
+        ("/encode", {"sample": "true"}),
+        ("/elbo", {"k": 8, "samples": 2}),
+        ("/elbo", {"score": "blur_recon_rel"}),
+    ],
 )
 def test_batched_results_equal_unbatched(
-    make_client: MakeClient, path: str, params: dict[str, Any]
+    make_client: MakeClient, slow_networks: list[int], path: str, params: dict[str, Any]
 ) -> None:
-    bodies = images(REQUESTS)
-    with make_client(batching=False, inline_max_rows=0) as client:
-        alone = post_all(client, path, bodies, **params)
-    with make_client(batching=True) as client:  # small requests run on the event loop
-        inline = post_all(client, path, bodies, **params)
-    with make_client(batching=True, max_batch_delay_ms=20, inline_max_rows=0) as client:
-        batched = post_all(client, path, bodies, **params)
-        metrics = client.get("/metrics").text
-    assert batched == alone  # bit for bit: eps is drawn per request, the networks are row-wise
-    assert inline == alone
+    bodies = [encode(noise(seed)) for seed in range(REQUESTS)]
+    with make_client() as client:
+        alone = [post(client, path, body, i, **params) for i, body in enumerate(bodies)]
+        calls_alone = len(slow_networks)
+        together = post_all(client, path, bodies, **params)
+    assert calls_alone == REQUESTS + 1  # the warm-up, then one call per request
+    assert together == alone  # bit for bit: eps is drawn per request, the networks are row-wise
     assert len({str(body["results"]) for body in alone}) == REQUESTS  # distinct images, rows
-    calls = float(metrics.split('vae_batch_size_count{network="encoder"} ')[1].split()[0])
-    assert calls < REQUESTS  # some requests shared an encoder call (plus the warm-up)
-    assert 'vae_batch_queue_seconds_bucket{le="0.001",network="encoder"}' in metrics
+    assert max(slow_networks) > 1  # concurrent requests did share encoder calls
 
 
-def test_a_full_queue_answers_503_with_retry_after(make_client: MakeClient) -> None:
+def test_a_full_queue_answers_503_with_retry_after(
+    make_client: MakeClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(service.batching, "MAX_QUEUE", 2)
     gate = threading.Event()
-    with make_client(
-        batching=True, max_queue=1, max_batch_size=2, max_batch_delay_ms=0, inline_max_rows=0
-    ) as client:
-        model = client.app.state.model  # type: ignore[attr-defined]
-        run = model._encoder.fn
-        model._encoder.fn = lambda x: (gate.wait(10), run(x))[1]
-        body = images(1)[0]
+    original = Bundle.encode
+    monkeypatch.setattr(Bundle, "encode", lambda self, x: (gate.wait(10), original(self, x))[1])
+    gate.set()  # the warm-up passes
+    with make_client() as client:
+        gate.clear()
+        body = files(*[encode(stroke())] * (INLINE_ROWS + 1))  # computed in worker threads
         with ThreadPoolExecutor(12) as pool:
-            futures = [pool.submit(client.post, "/encode", files=files(body)) for _ in range(12)]
+            futures = [pool.submit(client.post, "/encode", files=body) for _ in range(12)]
             deadline = time.monotonic() + 10
             while not any(f.done() for f in futures) and time.monotonic() < deadline:
                 time.sleep(0.01)
@@ -368,11 +106,152 @@ def test_a_full_queue_answers_503_with_retry_after(make_client: MakeClient) -> N
     busy = [r for r in responses if r.status_code == 503]
     assert busy and all(r.status_code == 200 for r in responses if r not in busy)
     assert busy[0].headers["retry-after"] == "1"
-    # a gathered job is taken whole, so more than VAE_MAX_QUEUE requests may be waiting
-    assert re.search(
-        r"encoder batch queue holds \d+ requests \(VAE_MAX_QUEUE = 1\); retry later",
-        busy[0].json()["detail"],
+    assert busy[0].json()["detail"] == "server busy: 2 requests wait for the encoder; retry later"
+
+
+def test_work_that_grows_never_blocks_the_event_loop(
+    make_client: MakeClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request over INLINE_ROWS rows computes in a worker thread: /healthz answers meanwhile."""
+    original = Bundle.encode
+    slow = threading.Event()
+
+    def slow_encode(self: Bundle, x: Any) -> Any:
+        if slow.is_set():
+            time.sleep(1.0)  # stands in for a long onnxruntime call
+        return original(self, x)
+
+    monkeypatch.setattr(Bundle, "encode", slow_encode)
+    with make_client() as client:
+        slow.set()
+        body = files(*[encode(stroke(i % 20)) for i in range(INLINE_ROWS + 1)])
+        request = threading.Thread(target=lambda: client.post("/encode", files=body))
+        request.start()
+        time.sleep(0.2)
+        start = time.perf_counter()
+        assert client.get("/healthz").status_code == 200
+        assert time.perf_counter() - start < 0.5
+        request.join()
+
+
+@pytest.fixture(scope="module")
+def runtime(tiny_bundle: Path) -> Runtime:
+    return Runtime(load_bundle(tiny_bundle), Metrics(), max_rows=8192, parallel_calls=2)
+
+
+@pytest.mark.parametrize("score", ["neg_elbo", "neg_iwae", "recon_error", "blur_recon_rel"])
+def test_concurrent_evaluations_equal_each_alone(
+    runtime: Runtime, slow_networks: list[int], score: ScoreName
+) -> None:
+    inputs = [np.stack([stroke(4 + i), noise(i)])[:, None] for i in range(5)]  # (2, 1, 28, 28)
+    options: dict[str, Any] = {"samples": 2, "k": 5, "score": score, "score_draws": 5, "seed": 3}
+
+    async def alone() -> list[Any]:
+        return [await runtime.evaluate(x, **options) for x in inputs]
+
+    async def together() -> list[Any]:
+        return await asyncio.gather(*(runtime.evaluate(x, **options) for x in inputs))
+
+    for got, want in zip(asyncio.run(together()), asyncio.run(alone()), strict=True):
+        for a, b in [
+            (got.terms.elbo, want.terms.elbo),
+            (got.terms.kl, want.terms.kl),
+            (got.iwae, want.iwae),
+            (got.score, want.score),
+        ]:
+            np.testing.assert_array_equal(a, b)
+    assert max(slow_networks) > 2  # the evaluations shared encoder calls
+
+
+def test_concurrent_reconstructions_and_decodes_equal_each_alone(
+    runtime: Runtime, slow_networks: list[int]
+) -> None:
+    inputs = [np.stack([stroke(4 + i), noise(i)])[:, None] for i in range(4)]
+    z = [np.random.default_rng(i).standard_normal((1 + i, 8), dtype=np.float32) for i in range(4)]
+
+    async def together() -> tuple[list[Any], list[Any]]:
+        recon = asyncio.gather(*(runtime.reconstruct(x) for x in inputs))
+        decoded = asyncio.gather(*(runtime.decode(rows) for rows in z))
+        return await recon, await decoded
+
+    async def alone() -> tuple[list[Any], list[Any]]:
+        return [await runtime.reconstruct(x) for x in inputs], [await runtime.decode(r) for r in z]
+
+    (recon, decoded), (recon_alone, decoded_alone) = asyncio.run(together()), asyncio.run(alone())
+    for got, want in zip(recon + decoded, recon_alone + decoded_alone, strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+def rows_times_ten(x: Any) -> tuple[Any, ...]:
+    time.sleep(0.01)
+    return (x * 10, x[:, :1])
+
+
+def test_each_caller_gets_exactly_its_own_rows() -> None:
+    batcher = MicroBatcher(
+        "test", rows_times_ten, parallel_calls=1, queue_time=Metrics().queue_time.labels("t")
     )
+    inputs = [np.full((1 + i % 3, 2), i, np.float32) for i in range(20)]
+
+    async def scenario() -> list[Any]:
+        return await asyncio.gather(*(batcher(x) for x in inputs))
+
+    for x, (times_ten, first) in zip(inputs, asyncio.run(scenario()), strict=True):
+        np.testing.assert_array_equal(times_ten, x * 10)
+        np.testing.assert_array_equal(first, x[:, :1])
+
+
+def test_a_failing_call_fails_every_caller_and_the_next_calls_run() -> None:
+    failing = threading.Event()
+
+    def fn(x: Any) -> tuple[Any, ...]:
+        time.sleep(0.01)
+        if failing.is_set():
+            raise RuntimeError("onnxruntime failed")
+        return (x,)
+
+    batcher = MicroBatcher(
+        "test", fn, parallel_calls=1, queue_time=Metrics().queue_time.labels("t")
+    )
+
+    async def scenario() -> list[Any]:
+        calls = [batcher(np.full((1, 2), i, np.float32)) for i in range(6)]
+        return await asyncio.gather(*calls, return_exceptions=True)
+
+    failing.set()
+    assert all(isinstance(r, RuntimeError) for r in asyncio.run(scenario()))
+    failing.clear()
+    assert [r[0][0, 0] for r in asyncio.run(scenario())] == list(range(6))
+
+
+def test_a_cancelled_caller_leaves_the_others_their_rows() -> None:
+    batcher = MicroBatcher(
+        "test", rows_times_ten, parallel_calls=1, queue_time=Metrics().queue_time.labels("t")
+    )
+
+    async def scenario() -> list[Any]:
+        tasks = [asyncio.ensure_future(batcher(np.full((1, 2), i, np.float32))) for i in range(5)]
+        await asyncio.sleep(0)  # all queued; the first call is out
+        tasks[2].cancel()
+        return await asyncio.gather(*tasks, return_exceptions=True)
+
+    results = asyncio.run(scenario())
+    assert isinstance(results[2], asyncio.CancelledError)
+    assert [r[0][0, 0] for i, r in enumerate(results) if i != 2] == [0, 10, 30, 40]
+
+
+def test_a_full_queue_refuses_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(service.batching, "MAX_QUEUE", 3)
+    batcher = MicroBatcher(
+        "test", rows_times_ten, parallel_calls=1, queue_time=Metrics().queue_time.labels("t")
+    )
+
+    async def scenario() -> list[Any]:
+        calls = [batcher(np.full((1, 2), i, np.float32)) for i in range(6)]
+        return await asyncio.gather(*calls, return_exceptions=True)
+
+    results = asyncio.run(scenario())
+    assert [isinstance(r, QueueFull) for r in results] == [False] * 3 + [True] * 3
 
 
 @pytest.mark.parametrize(
@@ -386,66 +265,3 @@ def test_available_cpus_honours_a_cgroup_quota(
     affinity = len(os.sched_getaffinity(0))
     assert available_cpus(tmp_path / "cpu.max") == min(expected or affinity, affinity)
     assert available_cpus(tmp_path / "absent") == affinity
-
-
-def test_gathered_decoder_calls_equal_unbatched(make_client: MakeClient) -> None:
-    """/sample and /decode from many threads at once, through the gatherer, against no batching."""
-
-    def run_all(client: TestClient) -> list[Any]:
-        def one(i: int) -> Any:
-            sample = client.get("/sample", params={"n": 1 + i % 3, "seed": i, "format": "arrays"})
-            z = sample.json()["z"]
-            decoded = client.post("/decode", json={"z": z}, params={"format": "arrays"})
-            assert sample.status_code == decoded.status_code == 200, decoded.text
-            return sample.json()["arrays"], decoded.json()["arrays"]
-
-        with ThreadPoolExecutor(16) as pool:
-            return list(pool.map(one, range(REQUESTS)))
-
-    with make_client(batching=False, inline_max_rows=0) as client:
-        alone = run_all(client)
-    with make_client(batching=True) as client:
-        gathered = run_all(client)
-    assert gathered == alone
-    assert all(sampled == decoded for sampled, decoded in gathered)  # same z, same images
-
-
-@pytest.mark.parametrize("score", ["neg_elbo", "neg_iwae", "recon_error", "blur_recon_rel"])
-def test_evaluate_gathered_equals_evaluate(tiny_bundle: Path, score: Score) -> None:
-    """The same steps of math, network calls gathered on the event loop or made in the thread."""
-    bundle = load_bundle(tiny_bundle)
-    policy = BatchPolicy(max_batch_size=64, max_delay_s=0.0, max_queue=256, workers=1)
-    model = Model(bundle, Metrics(), policy, inline_max_rows=16)
-    x = np.stack([stroke(4 + 2 * i) for i in range(3)])[:, None]  # (3, 1, 28, 28)
-    options: dict[str, Any] = {"samples": 2, "k": 5, "score": score, "score_draws": 5, "seed": 3}
-
-    async def concurrently() -> list[Any]:  # several at once: their calls share jobs
-        return await asyncio.gather(*(model.evaluate_gathered(x, **options) for _ in range(4)))
-
-    gathered = asyncio.run(concurrently())
-    alone = Model(bundle, Metrics()).evaluate(x, **options)
-    model.close()
-    for result in gathered:
-        for got, want in [
-            (result.terms.elbo, alone.terms.elbo),
-            (result.terms.kl, alone.terms.kl),
-            (result.iwae, alone.iwae),
-            (result.score, alone.score),
-        ]:
-            np.testing.assert_array_equal(got, want)
-
-
-def test_reconstruct_gathered_equals_reconstruct(tiny_bundle: Path) -> None:
-    bundle = load_bundle(tiny_bundle)
-    policy = BatchPolicy(max_batch_size=64, max_delay_s=0.0, max_queue=256, workers=1)
-    model = Model(bundle, Metrics(), policy, inline_max_rows=16)
-    inputs = [np.stack([stroke(4 + i), noise(i)])[:, None] for i in range(4)]
-
-    async def concurrently() -> list[Any]:
-        return await asyncio.gather(*(model.reconstruct_gathered(x) for x in inputs))
-
-    gathered = asyncio.run(concurrently())
-    model.close()
-    alone = Model(bundle, Metrics())
-    for x, got in zip(inputs, gathered, strict=True):
-        np.testing.assert_array_equal(got, alone.reconstruct(x))

@@ -113,8 +113,8 @@ def test_serve_runs_uvicorn_with_the_factory(
         ),
         (
             ["serve"],
-            {"VAE_MAX_IMAGES": "0"},
-            "invalid settings:\n  VAE_MAX_IMAGES=0: Input should be greater than or equal to 1",
+            {"VAE_MAX_ROWS": "0"},
+            "invalid settings:\n  VAE_MAX_ROWS=0: Input should be greater than or equal to 1",
         ),
         (
             ["serve", "--device", "cuda"],

@@ -109,19 +109,24 @@ def test_png_grid(client: TestClient) -> None:
     [
         (1, 422, "Input should be greater than or equal to 2"),
         (0, 422, "Input should be greater than or equal to 2"),
-        (5, 422, "Input should be less than or equal to 4 (VAE_MAX_SAMPLE_N); got 5"),
+        (
+            5,
+            422,
+            "this request needs steps = 5 images = 5 network rows, over the per-request budget "
+            "of 4 rows (VAE_MAX_ROWS); send fewer images or draws",
+        ),
         (4, 200, None),
     ],
 )
 def test_steps_bounds(
     make_client: MakeClient, steps: int, status_code: int, message: str | None
 ) -> None:
-    with make_client(max_sample_n=4) as client:
+    with make_client(max_rows=4) as client:
         response = client.post("/interpolate", files=_pair(), params={"steps": steps})
     assert response.status_code == status_code, response.text
     if message is not None:
         (error,) = response.json()["detail"]
-        assert error["loc"] == ["query", "steps"]
+        assert error["loc"] in (["query", "steps"], ["request"])
         assert error["msg"] == message
 
 

@@ -136,8 +136,9 @@ def test_bad_arrays_are_422_naming_the_problem(
 
 
 def test_array_limits(make_client: MakeClient) -> None:
-    with make_client(max_images=2, max_pixels=40 * 40, strict_size=False) as client:
-        check(post_npy(client, "/encode", grey(3)), 422, "3 images, over the limit of 2")
+    with make_client(max_rows=2, max_pixels=40 * 40, strict_size=False) as client:
+        expected = "3 images, over the limit of 2 (VAE_MAX_ROWS)"
+        check(post_npy(client, "/encode", grey(3)), 422, expected)
         big = np.zeros((1, 41, 40), dtype=np.uint8)
         check(post_npy(client, "/encode", big), 413, "over the limit of 1600 (VAE_MAX_PIXELS)")
     with make_client(strict_size=True) as client:

@@ -1,7 +1,8 @@
-"""The numpy objective equals the torch one in model/objective.py given the same eps."""
+"""service/objective.py equals model/objective.py function by function, given the same eps."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import numpy as np
@@ -9,8 +10,8 @@ import pytest
 
 from service import objective
 from service.bundle import load_bundle
-from service.inference import Model, draw_eps
 from service.metrics import Metrics
+from service.runtime import Runtime, draw_eps
 from tests.service.helpers import noise, stroke
 
 torch = pytest.importorskip("torch")
@@ -24,101 +25,37 @@ def _images() -> np.ndarray:
 
 
 @pytest.mark.parametrize("bundle_name", ["tiny_bundle", "tiny_gaussian_bundle"])
-def test_elbo_and_iwae_match_torch(bundle_name: str, request: pytest.FixtureRequest) -> None:
+@pytest.mark.parametrize("score", ["neg_elbo", "neg_iwae", "recon_error", "blur_recon_rel"])
+def test_runtime_evaluate_is_the_pure_objective_on_the_bundle(
+    bundle_name: str, score: str, request: pytest.FixtureRequest
+) -> None:
+    """Runtime.evaluate equals service/objective.py's functions on the bundle's own networks."""
     bundle = load_bundle(request.getfixturevalue(bundle_name))
+    runtime = Runtime(bundle, Metrics(), max_rows=8192)
     manifest = bundle.manifest
-    model = Model(bundle, Metrics())
     x = _images()  # (B, 1, 28, 28)
-    S, K = 3, 16
-    mu, logvar = model.encode(x)
+    S, K, draws = 3, 16, 8
+    evaluation = asyncio.run(
+        runtime.evaluate(x, samples=S, k=K, score=score, score_draws=draws, seed=7)  # type: ignore[arg-type]
+    )
+    mu, logvar = bundle.encode(x)
     eps = draw_eps(7, (K, len(x), manifest.latent_dim))
-
-    # service: one shared draw, prefixes for the ELBO (S) and IWAE (K)
-    z = objective.reparameterize(mu, logvar, eps)
-    log_px = model.log_px(x, z)
-    terms = objective.elbo(log_px[:S], objective.kl_divergence(mu, logvar))
-    bound = objective.iwae(log_px, z, mu, logvar)
-    evaluation = model.evaluate(x, samples=S, k=K, score="neg_elbo", score_draws=S, seed=7)
-
-    def decode(zt: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(bundle.decode(zt.numpy()))
-
-    args = (torch.from_numpy(x), torch.from_numpy(mu), torch.from_numpy(logvar))
+    args = (bundle.decode, x, mu, logvar)
     sigma = manifest.sigma or 1.0
-    expected = model_objective.elbo(
-        decode, *args, torch.from_numpy(eps[:S]), manifest.likelihood, sigma
-    )
-    expected_iwae = model_objective.iwae(
-        decode, *args, torch.from_numpy(eps), manifest.likelihood, sigma
-    )
-
-    for name in ("elbo", "reconstruction", "kl"):
-        want = getattr(expected, name).double().numpy()
-        np.testing.assert_allclose(getattr(terms, name), want, rtol=RTOL, err_msg=name)
-        np.testing.assert_allclose(getattr(evaluation.terms, name), want, rtol=RTOL, err_msg=name)
-    np.testing.assert_allclose(bound, expected_iwae.double().numpy(), rtol=RTOL)
+    terms = objective.elbo(*args, eps[:S], manifest.likelihood, sigma)
+    mean = objective.likelihood_mean(bundle.decode(mu), manifest.likelihood)
+    expected_score = {
+        "neg_elbo": -objective.elbo(*args, eps[:draws], manifest.likelihood, sigma).elbo,
+        "neg_iwae": -objective.iwae(*args, eps[:draws], manifest.likelihood, sigma),
+        "recon_error": objective.squared_error(x, mean),
+        "blur_recon_rel": objective.blur_recon_rel(x, mean),
+    }[score]
+    for got, want in zip(evaluation.terms, terms, strict=True):
+        np.testing.assert_array_equal(got, want)
     assert evaluation.iwae is not None
-    np.testing.assert_allclose(evaluation.iwae, expected_iwae.double().numpy(), rtol=RTOL)
-    np.testing.assert_allclose(evaluation.score, -expected.elbo.double().numpy(), rtol=RTOL)
-
-
-@pytest.mark.parametrize("likelihood, sigma", [("bernoulli", None), ("gaussian", 0.3)])
-def test_pure_functions_match_torch(likelihood: str, sigma: float | None) -> None:
-    rng = np.random.default_rng(0)
-    x = rng.random((2, 3, 5, 4), dtype=np.float32)
-    out = rng.standard_normal((6, 2, 3, 5, 4), dtype=np.float32) * 3
-    mu = rng.standard_normal((2, 7), dtype=np.float32)
-    logvar = rng.standard_normal((2, 7), dtype=np.float32)
-    eps = rng.standard_normal((6, 2, 7), dtype=np.float32)
-    t = torch.from_numpy
-
-    np.testing.assert_allclose(
-        objective.log_likelihood(x, out, likelihood, sigma),
-        model_objective.log_likelihood(t(x), t(out), likelihood, sigma or 1.0).numpy(),
-        rtol=RTOL,
-    )
-    np.testing.assert_allclose(
-        objective.kl_divergence(mu, logvar),
-        model_objective.kl_divergence(t(mu), t(logvar)).numpy(),
-        rtol=RTOL,
-    )
-    z = objective.reparameterize(mu, logvar, eps)
-    np.testing.assert_allclose(
-        z, model_objective.reparameterize(t(mu), t(logvar), t(eps)).numpy(), rtol=1e-5, atol=1e-6
-    )
-    np.testing.assert_allclose(
-        objective.log_normal(z, mu, logvar),
-        model_objective.log_normal(t(z), t(mu), t(logvar)).numpy(),
-        rtol=RTOL,
-    )
-    zeros = torch.zeros_like(t(mu))
-    np.testing.assert_allclose(
-        objective.log_normal(z), model_objective.log_normal(t(z), zeros, zeros).numpy(), rtol=RTOL
-    )
-
-
-def test_iwae_with_one_sample_is_the_elbo_estimate() -> None:
-    rng = np.random.default_rng(1)
-    log_px = rng.standard_normal((1, 4)) * 10
-    mu = rng.standard_normal((4, 3), dtype=np.float32)
-    logvar = rng.standard_normal((4, 3), dtype=np.float32)
-    z = objective.reparameterize(mu, logvar, rng.standard_normal((1, 4, 3), dtype=np.float32))
-    # with k = 1: log p(x|z) + log p(z) - log q(z|x), whose expectation is the ELBO
-    expected = log_px[0] + objective.log_normal(z[0]) - objective.log_normal(z[0], mu, logvar)
-    np.testing.assert_allclose(objective.iwae(log_px, z, mu, logvar), expected, rtol=1e-9)
-
-
-def test_iwae_is_at_least_the_elbo_on_shared_draws() -> None:
-    rng = np.random.default_rng(2)
-    mu = rng.standard_normal((4, 3), dtype=np.float32)
-    logvar = rng.standard_normal((4, 3), dtype=np.float32)
-    z = objective.reparameterize(mu, logvar, rng.standard_normal((8, 4, 3), dtype=np.float32))
-    log_px = rng.standard_normal((8, 4)) * 10
-    kl = objective.kl_divergence(mu, logvar)
-    # Jensen: log mean w >= mean log w, and mean log w is the ELBO estimate up to KL's closed form
-    log_w = log_px + objective.log_normal(z) - objective.log_normal(z, mu, logvar)
-    assert (objective.iwae(log_px, z, mu, logvar) >= log_w.mean(axis=0) - 1e-9).all()
-    assert objective.elbo(log_px, kl).elbo.shape == (4,)
+    want_iwae = objective.iwae(*args, eps, manifest.likelihood, sigma)
+    np.testing.assert_array_equal(evaluation.iwae, want_iwae)
+    np.testing.assert_array_equal(evaluation.score, expected_score)
 
 
 def test_likelihood_mean() -> None:
@@ -131,7 +68,7 @@ def test_likelihood_mean() -> None:
 def test_gaussian_needs_sigma() -> None:
     x = np.zeros((1, 1, 2, 2), dtype=np.float32)
     with pytest.raises(ValueError, match="positive sigma"):
-        objective.log_likelihood(x, x, "gaussian", None)
+        objective.log_likelihood(x, x, "gaussian", 0.0)
 
 
 @pytest.mark.parametrize(
@@ -160,11 +97,9 @@ def test_the_calibration_table_is_reproduced(tiny_bundle: Path) -> None:
     bundle = load_bundle(tiny_bundle)
     table = bundle.manifest.calibration.scores["neg_elbo"]  # type: ignore[union-attr]
     x = np.stack([stroke(6 + i % 16) for i in range(64)])[:, None]  # the fixture's calibration set
-    scores = (
-        Model(bundle, Metrics())
-        .evaluate(x, samples=1, k=None, score="neg_elbo", score_draws=1, seed=0)
-        .score
-    )
+    runtime = Runtime(bundle, Metrics(), max_rows=8192)
+    evaluation = runtime.evaluate(x, samples=1, k=None, score="neg_elbo", score_draws=1, seed=0)
+    scores = asyncio.run(evaluation).score
     median = objective.value_at(50.0, table.percentiles, table.values)
     assert abs(float(np.median(scores)) - median) / median < 0.05
 

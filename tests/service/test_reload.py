@@ -45,9 +45,18 @@ def test_admin_needs_the_api_key(
         assert client.post("/admin/reload", headers=headers).status_code == status_code
 
 
-def test_admin_open_without_a_key(make_client: MakeClient) -> None:
-    with make_client(admin_open=True) as client:
+def test_admin_is_off_without_a_key(make_client: MakeClient) -> None:
+    with make_client() as client:
         response = client.post("/admin/reload")
+    assert response.status_code == 403
+    assert response.json()["detail"].startswith("admin endpoints are disabled: no VAE_API_KEY")
+    with make_client(admin_open=True) as client:
+        assert client.post("/admin/reload").status_code == 200
+
+
+def test_reload_without_a_body_reloads_the_bundle_serving(make_client: MakeClient) -> None:
+    with make_client(api_key="s3cret") as client:
+        response = client.post("/admin/reload", headers=KEY)
     assert response.status_code == 200
     body = response.json()
     assert body["previous"]["name"] == body["current"]["name"] == "tiny-bernoulli"
@@ -115,16 +124,16 @@ def test_a_bad_bundle_is_refused_and_the_old_keeps_serving(
     message: str,
 ) -> None:
     path = make_bundle(tiny_bundle, tmp_path)  # type: ignore[operator]
-    with make_client(admin_open=True, models_root=tmp_path) as client:
-        response = client.post("/admin/reload", json={"bundle": path.name})
+    with make_client(api_key="s3cret", models_root=tmp_path) as client:
+        response = client.post("/admin/reload", json={"bundle": path.name}, headers=KEY)
         assert response.status_code == 409
         detail = response.json()["detail"]
         assert detail.startswith(f"bundle refused: {path.name}/") and message in detail
         assert str(tmp_path) not in detail  # no absolute server path
         assert detail.endswith("; still serving tiny-bernoulli 0.0.1")
-        assert client.get("/model").json()["name"] == "tiny-bernoulli"
+        assert client.get("/model", headers=KEY).json()["name"] == "tiny-bernoulli"
         assert client.get("/readyz").status_code == 200
-        assert client.post("/encode", json={"pixels": [[[0.5]]]}).status_code == 200
+        assert client.post("/encode", json={"pixels": [[[0.5]]]}, headers=KEY).status_code == 200
         assert 'vae_model_reloads_total{result="refused"} 1.0' in client.get("/metrics").text
 
 
@@ -177,15 +186,16 @@ def test_a_bad_bundle_is_refused_and_the_old_keeps_serving(
 def test_bad_reload_bodies(
     make_client: MakeClient, content: str, media: str, status_code: int, message: str
 ) -> None:
-    with make_client(admin_open=True) as client:
-        response = client.post("/admin/reload", content=content, headers={"Content-Type": media})
-        assert client.get("/model").json()["name"] == "tiny-bernoulli"
+    with make_client(api_key="s3cret") as client:
+        headers = {"Content-Type": media, **KEY}
+        response = client.post("/admin/reload", content=content, headers=headers)
+        assert client.get("/model", headers=KEY).json()["name"] == "tiny-bernoulli"
     assert response.status_code == status_code, response.text
     assert message in response.text
 
 
 def test_one_reload_at_a_time(tiny_bundle: Path) -> None:
-    app = create_app(Settings(bundle=tiny_bundle, batching=False))
+    app = create_app(Settings(bundle=tiny_bundle))
 
     async def race() -> list[object]:
         async with app.router.lifespan_context(app):

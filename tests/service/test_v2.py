@@ -211,13 +211,13 @@ def test_not_json_is_400(client: TestClient) -> None:
 
 
 def test_the_batch_limit_is_400(make_client: MakeClient) -> None:
-    with make_client(max_images=2) as client:
+    with make_client(max_rows=2) as client:
         ok = infer(client, DECODER, tensor("z", np.zeros((2, D))))
         assert ok.status_code == 200
         response = infer(client, DECODER, tensor("z", np.zeros((3, D))))
     assert (response.status_code, response.json()) == (
         400,
-        {"error": "input 'z' has a batch of 3, over the limit of 2 (VAE_MAX_IMAGES)"},
+        {"error": "input 'z' has a batch of 3, over the limit of 2 (VAE_MAX_ROWS)"},
     )
 
 

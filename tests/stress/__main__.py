@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from tests.e2e.test_server import DEFAULT_BUNDLE
+from tests.live import live_server
 from tests.stress import harness
 from tests.stress.harness import LONG, MAX_RSS_GROWTH, SHORT
 
@@ -40,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     ok = True
 
     log.warning("fuzzing: %d schemathesis cases", budget.fuzz_cases)
-    with harness.running(args.bundle) as server:
+    with live_server(args.bundle) as server:
         fuzz = harness.fuzz(server.url, budget.fuzz_cases, seed=args.seed)
         rows.append(
             (
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         ok = False
 
     log.warning("SIGTERM %g s into load", budget.sigterm_after_s)
-    with harness.running(args.bundle) as server:
+    with live_server(args.bundle) as server:
         term = harness.load(
             server, budget.sigterm_after_s + 30, budget.concurrency, 1.0, budget.sigterm_after_s
         )

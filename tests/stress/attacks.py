@@ -31,6 +31,7 @@ import numpy as np
 from PIL import Image
 
 from tests.e2e.test_server import DEFAULT_BUNDLE
+from tests.live import live_server
 from tests.stress import harness
 
 log = logging.getLogger("tests.stress.attacks")
@@ -300,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     ok = True
     env = {"VAE_ADMIN_OPEN": "true"}
     tracebacks = 0
-    with harness.running(args.bundle, env=env) as server:
+    with live_server(args.bundle, env=env) as server:
         print(
             "| attack | probes | /healthz p50 ms | p99 ms | max ms | failed (3 s) | "
             "loop lag p99 ms | answers | ok |"
@@ -316,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
             ok &= family.ok
     tracebacks += server.output.count("Traceback")
     if not args.only or "reload" in args.only:
-        with harness.running(args.bundle, env=env) as server:  # a fresh server for each
+        with live_server(args.bundle, env=env) as server:  # a fresh server for each
             before, after = reloads_under_load(server, args.reloads)
         tracebacks += server.output.count("Traceback")
         growth = after / before - 1
@@ -327,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         ok &= growth <= MAX_RSS_GROWTH
     if not args.only or "elbo" in args.only:
-        with harness.running(args.bundle, env=env) as server:
+        with live_server(args.bundle, env=env) as server:
             before, peak, after = maximal_elbo(server)
         tracebacks += server.output.count("Traceback")
         growth = after / before - 1

@@ -22,86 +22,21 @@ import logging
 import math
 import os
 import signal
-import subprocess
-import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
 from PIL import Image
 
-from tests.e2e.test_server import serve
+from tests.live import LiveServer
 
 log = logging.getLogger(__name__)
 
-START_TIMEOUT = 60.0
 REQUEST_TIMEOUT = 120.0
-
-
-@dataclass
-class Server:
-    """A running server: its process, base URL and output (read all along, so it never blocks)."""
-
-    process: subprocess.Popen[str]
-    url: str
-    lines: list[str] = field(default_factory=list)
-
-    @property
-    def output(self) -> str:
-        return "".join(self.lines)
-
-    def rss_bytes(self) -> int:
-        """Resident memory of the server process, from /proc/<pid>/status (VmRSS)."""
-        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-        raise RuntimeError(f"no VmRSS for pid {self.process.pid}")
-
-    def stop(self) -> int:
-        """SIGTERM (SIGKILL after 30 s) and the exit code."""
-        if self.process.poll() is None:
-            self.process.terminate()
-        try:
-            return self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            return self.process.wait()
-
-
-@contextmanager
-def running(bundle: Path, env: dict[str, str] | None = None) -> Iterator[Server]:
-    """Start `vae serve` on a free loopback port, wait for /readyz, stop it (SIGTERM) after."""
-    process, url = serve(bundle, env=env)
-    server = Server(process, url)
-    assert process.stdout is not None
-    reader = threading.Thread(target=server.lines.extend, args=(process.stdout,), daemon=True)
-    reader.start()
-    try:
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            if process.poll() is not None:
-                reader.join(5)
-                raise RuntimeError(f"the server exited with {process.returncode}:\n{server.output}")
-            try:
-                if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                server.stop()
-                raise RuntimeError(f"not ready in {START_TIMEOUT} s:\n{server.output}")
-            time.sleep(0.1)
-        yield server
-    finally:
-        server.stop()
-        reader.join(5)
-        process.stdout.close()
 
 
 @dataclass(frozen=True)
@@ -305,7 +240,7 @@ class LoadResult:
 
 
 async def _load(
-    server: Server,
+    server: LiveServer,
     seconds: float,
     concurrency: int,
     warm_up: float,
@@ -366,7 +301,7 @@ async def _load(
 
 
 def load(
-    server: Server,
+    server: LiveServer,
     seconds: float,
     concurrency: int = 64,
     warm_up: float = 2.0,

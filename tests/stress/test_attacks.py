@@ -10,13 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.stress import attacks, harness
+from tests.live import live_server
+from tests.stress import attacks
 
 pytestmark = pytest.mark.slow
 
 
 def test_no_attack_gets_a_server_error(bundle: Path) -> None:
-    with harness.running(bundle, env={"VAE_ADMIN_OPEN": "true"}) as server:
+    with live_server(bundle, env={"VAE_ADMIN_OPEN": "true"}) as server:
         for name, (clients, attempt) in attacks.attacks(1.0).items():
             family = attacks.run_family(server.url, name, clients, attempt, 1.0)
             server_errors = {s: n for s, n in family.statuses.items() if s.startswith("5")}

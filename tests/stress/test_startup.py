@@ -6,6 +6,7 @@ one start-up. Reload with a broken bundle is covered with the reload endpoint's 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shutil
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.test_server import serve
+from tests import live
 
 Breaker = Callable[[Path], None]
 
@@ -107,15 +108,13 @@ def start_broken(source: Path, root: Path) -> dict[str, tuple[Path, int, str]]:
         bundle = root / f"case{i}"
         shutil.copytree(source, bundle)
         breaker(bundle)
-        processes[case] = (bundle, serve(bundle)[0])
+        processes[case] = (bundle, live.start(live.vae_serve(bundle), live.server_env()))
     results = {}
-    for case, (bundle, process) in processes.items():
-        try:
-            output, _ = process.communicate(timeout=90)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            output, _ = process.communicate()
-        results[case] = (bundle, process.returncode, output)
+    for case, (bundle, server) in processes.items():
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            server.process.wait(timeout=90)  # a broken bundle stops start-up by itself
+        code = server.stop()
+        results[case] = (bundle, code, server.output)
     return results
 
 

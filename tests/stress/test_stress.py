@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.live import LiveServer, live_server
 from tests.stress import harness
 from tests.stress.harness import LONG, MAX_RSS_GROWTH, SHORT, Budget
 
@@ -21,15 +22,15 @@ BUDGETS = [
 
 
 @pytest.fixture(scope="module")
-def server(bundle: Path) -> Iterator[harness.Server]:
-    with harness.running(bundle) as server:
+def server(bundle: Path) -> Iterator[LiveServer]:
+    with live_server(bundle) as server:
         yield server
     assert "Traceback" not in server.output, server.output
 
 
 @pytest.mark.parametrize("budget", BUDGETS)
 def test_fuzzing_finds_no_server_errors_or_schema_violations(
-    server: harness.Server, budget: Budget
+    server: LiveServer, budget: Budget
 ) -> None:
     result = harness.fuzz(server.url, budget.fuzz_cases)
     assert result.cases >= budget.fuzz_cases
@@ -37,7 +38,7 @@ def test_fuzzing_finds_no_server_errors_or_schema_violations(
 
 
 @pytest.mark.parametrize("budget", BUDGETS)
-def test_load_has_no_failures_and_bounded_memory(server: harness.Server, budget: Budget) -> None:
+def test_load_has_no_failures_and_bounded_memory(server: LiveServer, budget: Budget) -> None:
     result = harness.load(server, budget.load_s, budget.concurrency, budget.warm_up_s)
     assert result.requests > budget.concurrency
     failures = result.failures()
@@ -47,7 +48,7 @@ def test_load_has_no_failures_and_bounded_memory(server: harness.Server, budget:
 
 @pytest.mark.parametrize("budget", BUDGETS)
 def test_sigterm_under_load_loses_no_request(bundle: Path, budget: Budget) -> None:
-    with harness.running(bundle) as server:
+    with live_server(bundle) as server:
         result = harness.load(
             server,
             budget.sigterm_after_s + 30.0,  # a bound: the workers stop once the server is gone

@@ -1,0 +1,139 @@
+"""Errors and HTTP details every route shares: body limits, HEAD, 422/503 bodies, disconnects."""
+
+import json
+import logging
+from typing import Any
+
+from fastapi import HTTPException, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+log = logging.getLogger(__name__)
+
+MAX_ECHOED_INPUT = 200  # characters of a rejected value echoed back in a 422
+# JSON is parsed holding the GIL, about 40 ms a megabyte of numbers on this project's 2 cores, so a
+# larger body would stall every other request; 1 MiB holds 64 MNIST images as pixel arrays, and
+# large inputs have faster ways in (files, a raw image, .npy)
+MAX_JSON_BYTES = 1 << 20
+
+
+class BodyLimitMiddleware:
+    """413 for request bodies over `max_bytes` (JSON: MAX_JSON_BYTES), by Content-Length up front
+    or while streaming.
+
+    Starlette ships a limiter too, but its 413 does not name the limit or the setting.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    def _detail(self, size: str, limit: int) -> str:
+        if limit < self.max_bytes:
+            return (
+                f"JSON request body {size} over the limit of {limit} bytes for JSON; send "
+                "large inputs as files (multipart), a raw image or an application/x-npy body"
+            )
+        return f"request body {size} over the limit of {limit} bytes (VAE_MAX_UPLOAD_BYTES)"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        kind = headers.get(b"content-type", b"").partition(b";")[0].strip().lower()
+        is_json = kind == b"application/json" or kind.endswith(b"+json")
+        limit = min(self.max_bytes, MAX_JSON_BYTES) if is_json else self.max_bytes
+        length = headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            detail = self._detail(f"is {int(length)} bytes,", limit)
+            response = JSONResponse({"detail": detail}, status_code=413)
+            await response(scope, receive, send)
+            return
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    # raised inside the route's body read: the app's handler renders the 413
+                    raise HTTPException(status_code=413, detail=self._detail("is", limit))
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+class HeadMiddleware:
+    """HEAD on any GET route: answered as the GET without its body (RFC 9110 9.3.2), so the
+    routes and the OpenAPI document name GET alone."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            await self.app(scope, receive, send)
+            return
+
+        async def headers_only(message: Message) -> None:
+            if message["type"] == "http.response.body":
+                message = {**message, "body": b""}
+            await send(message)
+
+        await self.app({**scope, "method": "GET"}, receive, headers_only)
+
+
+def _json_safe(value: Any) -> bool:
+    try:
+        return len(json.dumps(value, allow_nan=False)) <= MAX_ECHOED_INPUT
+    except (TypeError, ValueError):
+        return False
+
+
+async def validation_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    """FastAPI's 422 body, minus echoed inputs that are huge or not JSON (NaN, infinity)."""
+    assert isinstance(exc, RequestValidationError)
+    errors = []
+    for error in exc.errors():
+        error = dict(error)
+        if "input" in error and not _json_safe(error["input"]):
+            error.pop("input")
+        if "ctx" in error:
+            error["ctx"] = {
+                key: value if _json_safe(value) else str(value)
+                for key, value in error["ctx"].items()
+            }
+        errors.append(error)
+    return JSONResponse({"detail": jsonable_encoder(errors)}, status_code=422)
+
+
+async def disconnect_handler(request: Request, exc: Exception) -> Response:
+    """A client that hung up before its request was read: one log line, not a traceback."""
+    peer = f"{request.client.host}:{request.client.port}" if request.client else "a client"
+    log.info("%s disconnected before sending all of %s %s", peer, request.method, request.url.path)
+    return Response(status_code=499)  # nginx's "client closed request", for the metrics only
+
+
+async def busy_handler(request: Request, exc: Exception) -> JSONResponse:
+    """503 with Retry-After when the micro-batch queue is full."""
+    return JSONResponse({"detail": str(exc)}, status_code=503, headers={"Retry-After": "1"})
+
+
+def _unprocessable(kind: str, message: str) -> JSONResponse:
+    """A 422 in FastAPI's error format, about the request as a whole."""
+    return JSONResponse({"detail": [{"type": kind, "loc": ["request"], "msg": message}]}, 422)
+
+
+async def over_budget_handler(request: Request, exc: Exception) -> JSONResponse:
+    """422 when a request needs more network rows than VAE_MAX_ROWS."""
+    return _unprocessable("over_budget", str(exc))
+
+
+async def not_finite_handler(request: Request, exc: Exception) -> JSONResponse:
+    """422 when the decoder's output overflows: the latents are far outside the prior."""
+    hint = "send latent values of a sensible size (or a lower temperature, fewer extreme images)"
+    return _unprocessable("not_finite", f"{exc}; {hint}")
