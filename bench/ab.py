@@ -25,6 +25,7 @@ from typing import Any
 
 from bench.common import REPO, machine, now
 from bench.serving import CASES, free_port, load, wait_ready, write_inputs
+from service.settings import DEFAULT_BUNDLE
 
 
 def cpu_seconds(pid: int) -> float:
@@ -66,7 +67,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--old", type=Path, required=True, help="the other checkout (A)")
     p.add_argument("--new", type=Path, default=REPO, help="this checkout (B)")
-    p.add_argument("--bundle", type=Path, default=REPO / "models" / "mnist")
+    p.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE, help="bundle directory")
     p.add_argument("--cases", default="encode,elbo,decode,sample", help="bench/serving.py cases")
     p.add_argument("--concurrency", default="32", help="comma-separated")
     p.add_argument("--rounds", type=int, default=3)
