@@ -131,17 +131,18 @@ def live_server(
     env: Mapping[str, str] | None = None,
     argv: Sequence[str] | None = None,
     environ: Mapping[str, str] | None = None,
+    cwd: Path = REPO,
     timeout: float = START_TIMEOUT,
 ) -> Iterator[LiveServer]:
     """A ready server, stopped (SIGTERM) on exit: `vae serve` of `bundle` with `args`, or `argv`.
 
     `env` adds settings to this process's environment (less its own VAE_*); `environ` replaces
-    the environment whole.
+    the environment whole; `cwd` is where it runs.
     """
     if argv is None:
         assert bundle is not None, "live_server needs a bundle or an argv"
         argv = vae_serve(bundle, *args)
-    server = start(argv, environ if environ is not None else server_env(env))
+    server = start(argv, environ if environ is not None else server_env(env), cwd)
     try:
         server.wait_ready(timeout)
         yield server

@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import colour_folder
-from tests.e2e.test_server import REPO, free_port, stop, wait_ready
+from tests.e2e.test_server import REPO
+from tests.live import live_server
 
 SECTION = "## Train and export your own model"
 
@@ -64,18 +65,9 @@ def test_train_your_own_as_written(tmp_path: Path) -> None:
     manifest = (tmp_path / "models" / "mine" / "manifest.json").read_text()
     assert '"channels": 3' in manifest and '"likelihood": "gaussian"' in manifest
 
-    port = free_port()
-    server = subprocess.Popen(
-        ["bash", "-c", f"{serve} --port {port}"],  # one command: bash execs it
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
-        wait_ready(server, f"http://127.0.0.1:{port}")
-        script = python.replace("localhost:8000", f"127.0.0.1:{port}")
+    argv = ["bash", "-c", f"{serve} --port {{port}}"]  # one command: bash execs it
+    with live_server(argv=argv, environ=env, cwd=tmp_path) as server:
+        script = python.replace("localhost:8000", server.url.removeprefix("http://"))
         start = time.monotonic()
         scored = subprocess.run(
             [str(tmp_path / ".venv" / "bin" / "python"), "-c", script],
@@ -87,8 +79,6 @@ def test_train_your_own_as_written(tmp_path: Path) -> None:
         )
         seconds["score"] = time.monotonic() - start
         assert scored.returncode == 0, scored.stderr
-    finally:
-        stop(server)
     printed = scored.stdout.splitlines()
     assert len(printed) == 2, scored.stdout
     # three scores, percentiles and verdicts; then the shapes of decode, reconstruct and sample

@@ -30,7 +30,8 @@ import pytest
 from PIL import Image
 
 from tests.conftest import colour_folder
-from tests.e2e.test_server import REPO, free_port, stop, wait_ready
+from tests.e2e.test_server import REPO
+from tests.live import live_server
 
 SOURCES = ("pyproject.toml", "README.md", "model", "service", "requirements")
 SCORE = """
@@ -62,21 +63,9 @@ def run(argv: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
 
 @contextmanager
 def serving(vae: Path, cwd: Path, *args: str) -> Iterator[str]:
-    port = free_port()
-    process = subprocess.Popen(
-        [str(vae), "serve", "--port", str(port), "--log-level", "warning", *args],
-        cwd=cwd,
-        env=env_without_vae(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(process, url)
-        yield url
-    finally:
-        stop(process)
+    argv = [str(vae), "serve", "--port", "{port}", "--log-level", "warning", *args]
+    with live_server(argv=argv, environ=env_without_vae(), cwd=cwd) as server:
+        yield server.url
 
 
 @pytest.mark.timeout(1200)
