@@ -16,7 +16,7 @@ import uvicorn
 from service.connections import GuardedHttpToolsProtocol
 from service.main import create_app
 from service.settings import Settings
-from tests.e2e.test_server import free_port
+from tests.live import free_port
 
 TIMEOUT_S = 0.5
 
