@@ -13,6 +13,7 @@ from fastapi import FastAPI, routing
 from fastapi.dependencies.models import Dependant
 
 from service.deps import get_runtime, get_served, require_api_key
+from service.parsing import read_images
 from service.routes.admin import require_admin
 from service.routes.decode import Z_MAX
 from service.settings import Settings
@@ -84,7 +85,7 @@ def document(
             continue
         calls = _calls(route.dependant)
         needs_key = settings.api_key is not None and bool(
-            calls & {require_api_key, get_served, require_admin}
+            calls & {require_api_key, get_served, read_images, require_admin}
         )
         for method in route.methods:
             operation = schema["paths"].get(route.path_format, {}).get(method.lower())
@@ -103,7 +104,7 @@ def document(
                 _add_responses(operation, BODY_ERRORS)
                 if "multipart/form-data" in operation["requestBody"].get("content", {}):
                     _bound_images(operation, settings.max_rows)
-            if calls & {get_runtime, get_served}:
+            if calls & {get_runtime, get_served, read_images}:
                 _add_responses(operation, MODEL_ERRORS)
             if needs_key:
                 _add_responses(operation, KEY_ERRORS)

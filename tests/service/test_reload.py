@@ -235,8 +235,8 @@ def test_a_replaced_model_and_its_sessions_are_freed_by_the_reload(tiny_bundle: 
         async with app.router.lifespan_context(app):
             alive = []
             for _ in range(2):
-                model = weakref.ref(app.state.model)
-                session = weakref.ref(app.state.model.bundle.encoder)
+                model = weakref.ref(app.state.runtime)
+                session = weakref.ref(app.state.runtime.bundle.encoder)
                 await reload_model(app)
                 alive += [model() is not None, session() is not None]
             return alive
