@@ -7,6 +7,8 @@ Every YAML document under the root is checked by its apiVersion and kind:
   from Kubernetes' OpenAPI; unknown fields are errors, and so is a kind it has no schema for);
 - a KServe InferenceService against deploy/schemas/inferenceservice-serving-v1beta1.json, then its
   predictor, less the fields KServe adds, as a Kubernetes PodSpec (that is what KServe embeds);
+- a KubeRay RayJob against deploy/schemas/rayjob-ray-v1.json, then each pod template (head,
+  workers, submitter) as a Kubernetes Pod;
 - a Kustomization: every resource it lists exists, and every manifest beside it is listed.
 """
 
@@ -26,6 +28,8 @@ DEPLOY = Path(__file__).resolve().parent
 ISVC_SCHEMA = DEPLOY / "schemas" / "inferenceservice-serving-v1beta1.json"
 KUBERNETES_VERSIONS = ["1.30.0"]  # the oldest Kubernetes these manifests support
 KSERVE_GROUP = "serving.kserve.io/"
+RAYJOB_SCHEMA = DEPLOY / "schemas" / "rayjob-ray-v1.json"
+RAY_GROUP = "ray.io/"
 
 Doc = dict[str, Any]
 
@@ -78,6 +82,41 @@ def check_inferenceservice(doc: Doc, versions: list[str]) -> list[str]:
     ]
 
 
+def check_rayjob(doc: Doc, versions: list[str]) -> list[str]:
+    """Errors of a KubeRay RayJob: its own fields, then each pod template as a Kubernetes Pod."""
+    validator = jsonschema.Draft202012Validator(json.loads(RAYJOB_SCHEMA.read_text()))
+    errors = [located(list(e.absolute_path), e.message) for e in validator.iter_errors(doc)]
+    if errors:
+        return errors
+    spec = doc["spec"]
+    cluster = spec.get("rayClusterSpec", {})
+    templates: list[tuple[list[object], Doc]] = []
+    if "headGroupSpec" in cluster:
+        templates.append(
+            (
+                ["spec", "rayClusterSpec", "headGroupSpec", "template"],
+                cluster["headGroupSpec"]["template"],
+            )
+        )
+    for i, group in enumerate(cluster.get("workerGroupSpecs", [])):
+        templates.append(
+            (["spec", "rayClusterSpec", "workerGroupSpecs", i, "template"], group["template"])
+        )
+    if "submitterPodTemplate" in spec:
+        templates.append((["spec", "submitterPodTemplate"], spec["submitterPodTemplate"]))
+    for where, template in templates:
+        pod = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": doc["metadata"]["name"], **template.get("metadata", {})},
+            "spec": template["spec"],
+        }
+        errors += [
+            located([*where, *path], message) for path, message in kubernetes_errors(pod, versions)
+        ]
+    return errors
+
+
 def check_kustomization(path: Path, doc: Doc) -> list[str]:
     """A listed resource that is missing, or a manifest beside the file that is not listed."""
     listed = doc.get("resources", [])
@@ -96,6 +135,10 @@ def check(path: Path, doc: Doc, versions: list[str]) -> list[str]:
         if kind != "InferenceService":
             return [f"no schema for {kind} {api_version} (only InferenceService)"]
         return check_inferenceservice(doc, versions)
+    if api_version.startswith(RAY_GROUP):
+        if kind != "RayJob":
+            return [f"no schema for {kind} {api_version} (only RayJob)"]
+        return check_rayjob(doc, versions)
     return check_kubernetes(doc, versions)
 
 

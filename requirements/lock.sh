@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Write the lock files from pyproject.toml with uv (dev extra): every package pinned, with the
 # sha256 of each of its files, for Linux and Python 3.11 (the images' interpreter).
-#   dev.txt      serving + train + dev extras: CI's .venv
+#   dev.txt      serving + train + batch + dev extras: CI's .venv
 #   train.txt    serving + train extra: the Dockerfile's train target
 #   serving.txt  the base install, no torch: the runtime and gpu targets
 # train.txt and serving.txt are resolved within dev.txt's pins, so CI tests the images' versions.
@@ -24,7 +24,7 @@ compile() {
         ${torch_index:+--extra-index-url "$torch_index"} "$@"
 }
 
-compile "$@" --extra train --extra dev -o requirements/dev.txt
+compile "$@" --extra train --extra batch --extra dev -o requirements/dev.txt
 compile "$@" --extra train -c requirements/dev.txt -o requirements/train.txt
 compile "$@" -c requirements/dev.txt -o requirements/serving.txt
 grep -q '^torch==.*+cpu ' requirements/train.txt || {

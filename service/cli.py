@@ -82,6 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     for name, help_text in MODEL_COMMANDS.items():
         commands.add_parser(name, help=f"{help_text} (needs: pip install 'vae-server[train]')")
+    commands.add_parser(
+        "score",
+        help="score an image archive with Ray Data, as POST /elbo would "
+        "(needs: pip install 'vae-server[batch]')",
+    )
     return parser
 
 
@@ -140,6 +145,19 @@ def port_problem(host: str, port: int) -> str | None:
     return None
 
 
+def run_score(argv: list[str]) -> int:
+    """Hand `score` to service.batch, imported only now (it needs Ray)."""
+    try:
+        batch = importlib.import_module("service.batch")
+    except ImportError as exc:
+        print(
+            f"vae score: Ray Data is not installed ({exc}); run: pip install 'vae-server[batch]'",
+            file=sys.stderr,
+        )
+        return 2
+    return int(batch.main(argv))
+
+
 def serve(args: argparse.Namespace) -> int:
     """Validate the configuration, then run uvicorn with the app factory."""
     import uvicorn
@@ -186,6 +204,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in MODEL_COMMANDS:
         return run_model_command(argv)
+    if argv and argv[0] == "score":
+        return run_score(argv[1:])
     args = build_parser().parse_args(argv)
     return serve(args)
 

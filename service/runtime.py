@@ -87,6 +87,7 @@ class Evaluation:
     terms: objective.ElboTerms
     iwae: F64 | None
     score: F64
+    mu: F32  # (B, D): the mean of q(z|x)
     anomaly_map: F64 | None = None
 
 
@@ -192,11 +193,14 @@ class Runtime:
         score_draws: int,
         seed: int,
         anomaly_map: bool = False,
+        each_alone: bool = False,
     ) -> Evaluation:
         """ELBO with `samples` draws, IWAE with `k` (if given) and the anomaly score `score`.
 
         `score_draws` is the number of draws behind neg_elbo or neg_iwae (the calibration's, so
-        that scores compare with its table). All share one draw of eps from `seed`, decoded once.
+        that scores compare with its table). All share one draw of eps from `seed`, decoded once:
+        `(n, B, D)`, so image i's draws depend on B; with `each_alone` one `(n, 1, D)` draw serves
+        every image, and each gets what it would get alone in a request (`vae score`).
         `anomaly_map` adds the per-pixel map of blur_recon_contrast (at the decoder's mean).
         """
         b, d = len(x), self.manifest.latent_dim
@@ -205,7 +209,7 @@ class Runtime:
         mu, logvar = await self.encode(x)  # (B, D) each
 
         def draw() -> tuple[F32, F32]:
-            eps = draw_eps(seed, (n, b, d))
+            eps = draw_eps(seed, (n, 1 if each_alone else b, d))
             return eps, objective.reparameterize(mu, logvar, eps)  # (n, B, D) each
 
         eps, z = await off_loop(b * n, draw)
@@ -231,7 +235,7 @@ class Runtime:
             else:
                 values = -(bound if bound is not None and score_draws == k else iwae(score_draws))
             heat = objective.anomaly_map(x, mean) if anomaly_map and mean is not None else None
-            return Evaluation(terms=terms, iwae=bound, score=values, anomaly_map=heat)
+            return Evaluation(terms=terms, iwae=bound, score=values, anomaly_map=heat, mu=mu)
 
         result = await off_loop(b * n, bounds)
         self.release_after(b * n)

@@ -110,6 +110,7 @@ def _rename(doc: Doc, path: str, new: str) -> None:
 
 CONTAINER = "spec.template.spec.containers.0"
 PREDICTOR = "spec.predictor"
+WORKER = "spec.rayClusterSpec.workerGroupSpecs.0"
 BROKEN = [
     pytest.param(
         "kubernetes/deployment.yaml",
@@ -176,6 +177,30 @@ BROKEN = [
         lambda d: _set(d, "metadata.name", "VAE_1"),
         "metadata.name",
         id="kserve-name-not-dns-1035",
+    ),
+    pytest.param(
+        "kuberay/rayjob.yaml",
+        lambda d: _rename(d, "spec.shutdownAfterJobFinishes", "shutdownAfterJobFinish"),
+        "'shutdownAfterJobFinish' was unexpected",
+        id="rayjob-misspelt-field",
+    ),
+    pytest.param(
+        "kuberay/rayjob.yaml",
+        lambda d: _set(d, f"{WORKER}.rayStartParams", {"num-cpus": 4}),
+        "spec.rayClusterSpec.workerGroupSpecs.0.rayStartParams.num-cpus",
+        id="rayjob-start-param-not-a-string",
+    ),
+    pytest.param(
+        "kuberay/rayjob.yaml",
+        lambda d: _rename(d, f"{WORKER}.template.spec.containers.0.resources", "resource"),
+        "spec.rayClusterSpec.workerGroupSpecs.0.template.spec.containers.0",
+        id="rayjob-worker-container-misspelt-field",
+    ),
+    pytest.param(
+        "kuberay/rayjob.yaml",
+        lambda d: _set(d, "spec.submissionMode", "K8sMode"),
+        "spec.submissionMode",
+        id="rayjob-unknown-submission-mode",
     ),
 ]
 

@@ -112,15 +112,15 @@ class Verdict:
             return [heat_png(image, m) for image, m in zip(x, values, strict=True)]
         return values.tolist()  # type: ignore[no-any-return]
 
-    def respond(self, x: F32, result: Evaluation, samples: int, k: int | None) -> Response:
-        """The JSON response, made in one pass by numpy and pydantic's compiled core."""
+    def rows(self, x: F32, result: Evaluation, samples: int, k: int | None) -> list[dict[str, Any]]:
+        """One ElboResult per image, as dicts, made column-wise by numpy rather than per row."""
         n, scores, table, limit = len(result.score), result.score, self.table, self.threshold
         percentiles = (
             percentile_of(scores, table.percentiles, table.values).tolist()
             if table and table.usable
             else [None] * n
         )
-        columns = {  # one list per ElboResult field, made by numpy rather than per row
+        columns = {
             "elbo": result.terms.elbo.tolist(),
             "reconstruction": result.terms.reconstruction.tolist(),
             "kl": result.terms.kl.tolist(),
@@ -133,15 +133,18 @@ class Verdict:
             "anomaly_map": self.maps(x, result.anomaly_map),
         }
         names = list(columns)
-        rows = [dict(zip(names, row, strict=True)) for row in zip(*columns.values(), strict=True)]
+        return [dict(zip(names, row, strict=True)) for row in zip(*columns.values(), strict=True)]
+
+    def respond(self, x: F32, result: Evaluation, samples: int, k: int | None) -> Response:
+        """The JSON response, made in one pass by numpy and pydantic's compiled core."""
         return json_response(
             ElboPublic,
             {
                 "seed": self.seed,
                 "score": self.score,
                 "score_draws": self.draws,
-                "threshold": limit,
+                "threshold": self.threshold,
                 "threshold_source": self.source,
-                "results": rows,
+                "results": self.rows(x, result, samples, k),
             },
         )

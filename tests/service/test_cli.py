@@ -163,3 +163,12 @@ def test_model_commands_without_torch(
     monkeypatch.setitem(sys.modules, "model.cli", None)  # import fails as without the train extra
     assert cli.main(["export", "ckpt.pt"]) == 2
     assert "pip install 'vae-server[train]'" in capsys.readouterr().err
+
+
+def test_score_without_ray(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(sys.modules, "service.batch", None)  # as without the batch extra
+    assert cli.main(["score", "images/", "--bundle", "b", "--out", "o"]) == 2
+    assert "run: pip install 'vae-server[batch]'" in capsys.readouterr().err
+    assert "score" in cli.build_parser().format_help()

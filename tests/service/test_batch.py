@@ -1,0 +1,187 @@
+"""service/batch.py without starting Ray: sources, IDX parsing, decoding, the Scorer itself, and
+`Runtime.evaluate(each_alone=True)`, which makes every image's result independent of its batch.
+tests/e2e/test_batch.py runs the whole job on a local Ray."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("ray", reason="the batch extra is not installed: pip install '.[batch]'")
+import pyarrow as pa
+
+from service import batch
+from service.bundle import load_bundle
+from service.imaging import ImageError
+from service.metrics import Metrics
+from service.runtime import Runtime
+from service.settings import Settings
+
+SHAPE = (1, 28, 28)
+
+
+def png(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def idx(array: np.ndarray, code: int = 0x08) -> bytes:
+    dims = b"".join(d.to_bytes(4, "big") for d in array.shape)
+    return bytes([0, 0, code, array.ndim]) + dims + array.tobytes()
+
+
+@pytest.fixture(scope="module")
+def images() -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 256, (6, 28, 28), dtype=np.uint8)
+
+
+def test_each_alone_gives_every_image_its_result_alone(bundle: Path, images: np.ndarray) -> None:
+    runtime = Runtime(load_bundle(bundle, device="cpu"), Metrics(), max_rows=1024)
+    x = images[:, None].astype(np.float32) / 255.0
+    options = {"samples": 3, "k": 5, "score": "neg_elbo", "score_draws": 3, "seed": 11}
+    together = asyncio.run(runtime.evaluate(x, **options, each_alone=True))  # type: ignore[arg-type]
+    for i in range(len(x)):
+        alone = asyncio.run(runtime.evaluate(x[i : i + 1], **options))  # type: ignore[arg-type]
+        assert together.iwae is not None and alone.iwae is not None
+        got = [together.terms.elbo[i], together.iwae[i], together.score[i]]
+        want = [alone.terms.elbo[0], alone.iwae[0], alone.score[0]]
+        np.testing.assert_allclose(got, want, rtol=1e-5)
+        np.testing.assert_allclose(together.mu[i], alone.mu[0], rtol=1e-5, atol=1e-6)
+    batched = asyncio.run(runtime.evaluate(x, **options))  # type: ignore[arg-type]
+    assert not np.allclose(batched.terms.elbo[1:], together.terms.elbo[1:])  # draws differ
+
+
+def test_idx_images_reads_raw_and_gzip(images: np.ndarray) -> None:
+    np.testing.assert_array_equal(batch.idx_images(idx(images)), images)
+    np.testing.assert_array_equal(batch.idx_images(gzip.compress(idx(images))), images)
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        (b"", "is not an IDX file: bad magic number (empty)"),
+        (b"\x89PNG\r\n", "is not an IDX file: bad magic number 89504e47"),
+        (b"\0\0\x08\x03\0\0", "is truncated: its header needs 16 bytes, it has 6"),
+        (idx(np.zeros((2, 3, 3), np.uint8))[:-1], "is truncated or padded: 33 bytes, its header"),
+        (idx(np.zeros(4, np.uint8)), "holds an array of shape (4,); images are (N, height,"),
+        (b"\x1f\x8b\x08\0garbage", "is not readable gzip"),
+    ],
+)
+def test_idx_images_names_what_is_wrong(data: bytes, message: str) -> None:
+    with pytest.raises(ValueError, match="^" + message.replace("(", r"\(").replace(")", r"\)")):
+        batch.idx_images(data)
+
+
+def test_idx_rows_are_npy_bodies_the_server_reads(images: np.ndarray) -> None:
+    table = pa.table({"path": ["a-ubyte", "b-ubyte"], "bytes": [idx(images[:2]), b"junk"]})
+    rows = batch._idx_rows(table).to_pylist()
+    assert [row["key"] for row in rows] == ["a-ubyte#0", "a-ubyte#1", "b-ubyte"]
+    assert rows[2]["error"] == "IDX file is not an IDX file: bad magic number 6a756e6b"
+    for row, image in zip(rows[:2], images, strict=False):
+        decoded = batch.load_image(row["data"], SHAPE, max_pixels=784, strict=True)
+        np.testing.assert_array_equal(decoded[0], image / np.float32(255.0))
+
+
+def test_load_image_reads_npy_and_encoded_files_alike(images: np.ndarray) -> None:
+    buffer = io.BytesIO()
+    np.save(buffer, images[0])
+    from_npy = batch.load_image(buffer.getvalue(), SHAPE, max_pixels=784, strict=True)
+    from_png = batch.load_image(png(images[0]), SHAPE, max_pixels=784, strict=True)
+    np.testing.assert_array_equal(from_npy, from_png)
+    small = io.BytesIO()
+    np.save(small, images[0, :14, :14])
+    with pytest.raises(ImageError, match=r"^is 14x14; the model takes 28x28$"):
+        batch.load_image(small.getvalue(), SHAPE, max_pixels=784, strict=True)
+    assert batch.load_image(small.getvalue(), SHAPE, max_pixels=784, strict=False).shape == SHAPE
+
+
+def test_list_files_lists_as_ray_does(tmp_path: Path) -> None:
+    for name in ["b.png", "a/c.png", "a/.d.png", ".git/x", "_SUCCESS", "a/_e.png"]:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    files, plain = batch.list_files(tmp_path)
+    assert [f.relative_to(tmp_path).as_posix() for f in files] == [
+        "a/.d.png",
+        "a/_e.png",
+        "a/c.png",
+        "b.png",
+    ]
+    assert plain
+    (tmp_path / "link.png").symlink_to(tmp_path / "b.png")
+    assert not batch.list_files(tmp_path)[1]
+    with pytest.raises(batch.SourceError, match="does not exist"):
+        batch.list_files(tmp_path / "missing")
+
+
+@pytest.mark.parametrize(
+    "names, fmt",
+    [
+        (["a.parquet", "b.parquet"], "parquet"),
+        (["t10k-images-idx3-ubyte.gz", "x-images-idx3-ubyte", "y.idx3"], "idx"),
+        (["a.png", "b.parquet"], "images"),
+        (["a.png", "t10k-images-idx3-ubyte"], "images"),
+    ],
+)
+def test_detect_format(names: list[str], fmt: str) -> None:
+    assert batch.detect_format([Path(name) for name in names]) == fmt
+
+
+def test_file_problems(tmp_path: Path) -> None:
+    (tmp_path / "ok.png").write_bytes(b"x" * 10)
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "dangling").symlink_to(tmp_path / "missing")
+    assert batch.file_problem(tmp_path / "ok.png", 10) is None
+    assert batch.file_problem(tmp_path / "ok.png", 9) == (
+        "is 10 bytes, over the limit of 9 (VAE_MAX_UPLOAD_BYTES)"
+    )
+    assert batch.file_problem(tmp_path / "fifo", None) == "is not a regular file"
+    assert batch.file_problem(tmp_path / "dangling", None) == (
+        "cannot be read (FileNotFoundError: No such file or directory)"
+    )
+
+
+def test_scorer_turns_bad_rows_into_errors_and_keeps_order(
+    bundle: Path, images: np.ndarray
+) -> None:
+    import argparse
+
+    args = argparse.Namespace(
+        bundle=bundle, device="cpu", score=None, samples=1, k=None, seed=0, threshold=None, mu=True
+    )
+    loaded = load_bundle(bundle, device="cpu")
+    scorer = batch.Scorer(batch.resolve_options(args, loaded, Settings(bundle=bundle)))
+    rows = batch._rows(
+        ["good0", "empty", "listed", "good1"],
+        [png(images[0]), b"", b"", png(images[1])],
+        [None, None, "file is not a regular file", None],
+    )
+    out = scorer(rows).to_pylist()
+    assert [row["key"] for row in out] == ["good0", "empty", "listed", "good1"]
+    assert [row["error"] for row in out] == [
+        None,
+        "input is empty (0 bytes)",
+        "file is not a regular file",
+        None,
+    ]
+    assert out[1]["elbo"] is None and out[2]["mu"] is None
+    assert np.isfinite(out[0]["elbo"]) and len(out[3]["mu"]) == scorer.runtime.manifest.latent_dim
+
+
+def test_cli_refuses_a_used_out_directory_before_starting_ray(
+    bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "old.parquet").write_bytes(b"")
+    argv = [str(tmp_path), "--bundle", str(bundle), "--out", str(tmp_path / "out")]
+    assert batch.main(argv) == 2
+    assert capsys.readouterr().err == (
+        f"vae score: --out {tmp_path / 'out'} is not empty; name a new directory\n"
+    )
