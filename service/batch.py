@@ -307,7 +307,9 @@ def load_image(
         return decode_image(
             data, shape, max_pixels=max_pixels, strict=strict, background=background
         )
-    (array,) = read_npy(data, max_images=1, max_pixels=max_pixels)
+    (array,) = read_npy(
+        data, max_images=1, max_pixels=max_pixels, images_limit="vae score reads one per .npy file"
+    )
     c, h, w = shape
     if strict and array.shape[1:] != (h, w):
         raise ImageError(f"is {array.shape[2]}x{array.shape[1]}; the model takes {w}x{h}")

@@ -193,8 +193,12 @@ def _npy_header(prefix: bytes) -> tuple[tuple[int, ...], bool, np.dtype[Any], in
     return shape, fortran, dtype, stream.tell()
 
 
-def read_npy(data: bytes, *, max_images: int, max_pixels: int) -> F32:
+def read_npy(
+    data: bytes, *, max_images: int, max_pixels: int, images_limit: str = "VAE_MAX_ROWS"
+) -> F32:
     """A NumPy `.npy` body -> float32 `(B, C, H, W)` in [0, 1] at the sender's size.
+
+    `images_limit` names what sets `max_images` in the error (the server's setting by default).
 
     Shapes: `(H, W)` one grey image, `(B, H, W)` grey images, `(B, C, H, W)` with C of 1 or 3
     (the encoder's own layout). uint8 is scaled by 1/255, bool to 0/1; floats must be finite and
@@ -219,7 +223,7 @@ def read_npy(data: bytes, *, max_images: int, max_pixels: int) -> F32:
     if min(shape) <= 0:
         raise ImageError(f"has shape {shape}: no pixels (every dimension must be positive)")
     if b > max_images:
-        raise ImageError(f"holds {b} images, over the limit of {max_images} (VAE_MAX_ROWS)")
+        raise ImageError(f"holds {b} images, over the limit of {max_images} ({images_limit})")
     check_pixels(b * h * w, max_pixels, f"holds {b} images of {w}x{h} =")
     count = math.prod(shape)
     body = data[offset:]

@@ -29,6 +29,7 @@ pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
 
 from service import batch  # noqa: E402  (needs the batch extra, checked just above)
+from service.imaging import FORMATS  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
@@ -41,13 +42,13 @@ BROKEN = {
     "broken/empty.png": "input is empty (0 bytes)",
     "broken/truncated.png": "input could not be decoded, truncated or corrupt? (OSError: image "
     "file is truncated)",
-    "broken/notes.txt": "input is not an image in a supported format (PNG, JPEG, BMP, WEBP, GIF, "
-    "TIFF, PPM, TGA, ICO)",
+    "broken/notes.txt": f"input is not an image in a supported format ({', '.join(FORMATS)})",
     "broken/bomb.png": "input is 5000x5000 = 25000000 pixels, over the limit of 16777216 "
     "(VAE_MAX_PIXELS)",
     "broken/big.png": f"file is 100000 bytes, over the limit of {UPLOAD_LIMIT} "
     "(VAE_MAX_UPLOAD_BYTES)",
-    "broken/three.npy": "input holds 3 images, over the limit of 1 (VAE_MAX_IMAGES)",
+    "broken/three.npy": "input holds 3 images, over the limit of 1 "
+    "(vae score reads one per .npy file)",
     "broken/dangling.png": "file cannot be read (FileNotFoundError: No such file or directory)",
     "broken/fifo.png": "file is not a regular file",
 }
