@@ -30,9 +30,15 @@ import httpx
 import numpy as np
 from PIL import Image
 
+from service.settings import Settings
 from tests.e2e.test_server import DEFAULT_BUNDLE
 from tests.live import live_server
 from tests.stress import harness
+
+# The heaviest /elbo the per-request budget allows: k=1000 draws for as many images as fit in
+# VAE_MAX_ROWS (images x draws), its default.
+HEAVY_K = 1000
+HEAVY_IMAGES = Settings.model_fields["max_rows"].default // HEAVY_K
 
 log = logging.getLogger("tests.stress.attacks")
 
@@ -143,7 +149,7 @@ def attacks(seconds: float) -> dict[str, tuple[int, Attack]]:
     rng = np.random.default_rng(0)
     big_json = json.dumps({"pixels": rng.random((64, 200, 200)).round(3).tolist()}).encode()
     near_limit = json.dumps({"pixels": rng.random((64, 28, 28)).round(3).tolist()}).encode()
-    digits = [image_file(28, "PNG") for _ in range(64)]  # for the maximal /elbo
+    digits = [image_file(28, "PNG") for _ in range(HEAVY_IMAGES)]  # for the maximal /elbo
 
     def post(path: str, **kwargs: Any) -> Callable[[str, int], str]:
         def attempt(url: str, i: int) -> str:
@@ -191,9 +197,13 @@ def attacks(seconds: float) -> dict[str, tuple[int, Attack]]:
         "E 100 MB header": (2, lambda url, i: _raw(url, header_100mb)),
         "E slow heads x 32": (32, lambda url, i: _raw(url, slow_head, pause=0.5, chunk=9)),
         # I: the heaviest requests the limits allow
-        "I /elbo 64 images k=1000": (
+        f"I /elbo {HEAVY_IMAGES} images k={HEAVY_K}": (
             2,
-            post("/elbo", files=files(digits, "png"), params={"k": 1000, "score": "neg_iwae"}),
+            post(
+                "/elbo",
+                files=files(digits, "png"),
+                params={"k": HEAVY_K, "score": "neg_iwae"},
+            ),
         ),
         "I /sample n=256": (4, get("/sample", params={"n": 256})),
     }
@@ -278,12 +288,12 @@ def reloads_under_load(server: harness.Server, count: int) -> tuple[int, int]:
 
 def maximal_elbo(server: harness.Server) -> tuple[int, int, int]:
     """RSS before, right after and 2 s after the heaviest /elbo the limits allow."""
-    digits = [image_file(28, "PNG") for _ in range(64)]
+    digits = [image_file(28, "PNG") for _ in range(HEAVY_IMAGES)]
     files = [("images", (f"{i}.png", data, "image/png")) for i, data in enumerate(digits)]
     with httpx.Client(base_url=server.url, timeout=300) as client:
         assert client.post("/elbo", files=files[:2]).status_code == 200
         before = server.rss_bytes()
-        response = client.post("/elbo", files=files, params={"k": 1000, "score": "neg_iwae"})
+        response = client.post("/elbo", files=files, params={"k": HEAVY_K, "score": "neg_iwae"})
         assert response.status_code == 200, response.text
         right_after = server.rss_bytes()
         time.sleep(2)
@@ -333,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
         tracebacks += server.output.count("Traceback")
         growth = after / before - 1
         print(
-            f"maximal /elbo (64 images, k=1000): RSS {before / 2**20:.0f} -> peak "
+            f"maximal /elbo ({HEAVY_IMAGES} images, k={HEAVY_K}): RSS {before / 2**20:.0f} -> peak "
             f"{peak / 2**20:.0f} -> {after / 2**20:.0f} MiB 2 s later ({100 * growth:+.1f} %)"
         )
         ok &= growth <= MAX_RSS_GROWTH
