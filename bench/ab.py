@@ -16,15 +16,12 @@ import argparse
 import contextlib
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from bench.common import REPO, machine, now
-from bench.serving import CASES, free_port, load, wait_ready, write_inputs
+from bench.serving import CASES, load, serve, write_inputs
 from service.settings import DEFAULT_BUNDLE
 
 
@@ -33,26 +30,6 @@ def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     utime, stime = int(fields[11]), int(fields[12])  # fields 14 and 15 of proc(5)
     return (utime + stime) / os.sysconf("SC_CLK_TCK")
-
-
-@contextlib.contextmanager
-def serve(
-    tree: Path, bundle: Path, env: dict[str, str], command: list[str]
-) -> Iterator[tuple[str, int]]:
-    """`command` (a uvicorn or `vae serve` command line, `{port}` filled in) run in `tree`."""
-    port = free_port()
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("VAE_")}
-    environ |= {"VAE_BUNDLE": str(bundle), "VAE_LOG_LEVEL": "warning", "PYTHONPATH": str(tree)}
-    environ |= env
-    argv = [part.format(port=port, python=sys.executable) for part in command]
-    process = subprocess.Popen(argv, cwd=tree, env=environ)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(url, process)
-        yield url, process.pid
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
 
 
 UVICORN = "{python} -m uvicorn bench.apps:noop_app --factory --host 127.0.0.1 --port {port} "

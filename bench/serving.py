@@ -199,21 +199,24 @@ def wait_ready(url: str, process: subprocess.Popen[bytes], timeout: float = 60.0
     raise RuntimeError(f"the server was not ready within {timeout} s")
 
 
-def server_env(bundle: Path, **settings: str) -> dict[str, str]:
+def server_env(bundle: Path, tree: Path = REPO, **settings: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("VAE_")}
-    env.update({"VAE_BUNDLE": str(bundle), "VAE_LOG_LEVEL": "warning", "PYTHONPATH": str(REPO)})
+    env.update({"VAE_BUNDLE": str(bundle), "VAE_LOG_LEVEL": "warning", "PYTHONPATH": str(tree)})
     env.update({f"VAE_{k.upper()}": v for k, v in settings.items()})
     return env
 
 
 @contextmanager
-def server(factory: str, bundle: Path, **settings: str) -> Iterator[tuple[str, int]]:
-    """A uvicorn server for `bench.apps:<factory>`; yields its URL and pid."""
+def serve(
+    tree: Path, bundle: Path, env: dict[str, str], command: list[str]
+) -> Iterator[tuple[str, int]]:
+    """`command` (`{port}` and `{python}` filled in) run in `tree`; yields its URL and pid.
+
+    `env` adds VAE_* variables to `server_env`'s.
+    """
     port = free_port()
-    command = [sys.executable, "-m", "uvicorn", f"bench.apps:{factory}", "--factory"]
-    command += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
-    command += ["--no-access-log"]
-    process = subprocess.Popen(command, cwd=REPO, env=server_env(bundle, **settings))
+    argv = [part.format(port=port, python=sys.executable) for part in command]
+    process = subprocess.Popen(argv, cwd=tree, env=server_env(bundle, tree) | env)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(url, process)
@@ -221,6 +224,17 @@ def server(factory: str, bundle: Path, **settings: str) -> Iterator[tuple[str, i
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+@contextmanager
+def server(factory: str, bundle: Path, **settings: str) -> Iterator[tuple[str, int]]:
+    """A uvicorn server for `bench.apps:<factory>`; yields its URL and pid."""
+    command = ["{python}", "-m", "uvicorn", f"bench.apps:{factory}", "--factory"]
+    command += ["--host", "127.0.0.1", "--port", "{port}", "--log-level", "warning"]
+    command += ["--no-access-log"]
+    env = {f"VAE_{k.upper()}": v for k, v in settings.items()}
+    with serve(REPO, bundle, env, command) as running:
+        yield running
 
 
 def rss_mib(pid: int) -> float:
