@@ -53,7 +53,8 @@ def resolve_bundle(root: Path, name: str) -> Path:
     relative = Path(name)
     if relative.is_absolute() or ".." in relative.parts:
         raise ValueError(
-            f"{name!r} must be a bundle name relative to the models root (VAE_MODELS_ROOT), "
+            f"{name!r} must be a bundle name relative to the models root (the directory "
+            "holding VAE_BUNDLE), "
             "with no '..'"
         )
     try:
@@ -63,7 +64,9 @@ def resolve_bundle(root: Path, name: str) -> Path:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
         raise BundleNotFound(f"no bundle {name!r} under the models root ({reason})") from None
     if not path.is_relative_to(root):
-        raise ValueError(f"{name!r} leads out of the models root (VAE_MODELS_ROOT)")
+        raise ValueError(
+            f"{name!r} leads out of the models root (the directory holding VAE_BUNDLE)"
+        )
     if not is_dir:
         raise ValueError(f"{name!r} is not a directory under the models root")
     return path

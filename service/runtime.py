@@ -205,7 +205,10 @@ class Runtime:
         """
         b, d = len(x), self.manifest.latent_dim
         n = max(samples, k or 0, score_draws)
-        self.check_rows(b * n, f"{b} images x {n} draws")
+        # a map is one more image-sized row per image, in memory and in the answer
+        rows = b * (n + anomaly_map)
+        draws = f"({n} draws + 1 map)" if anomaly_map else f"{n} draws"
+        self.check_rows(rows, f"{b} images x {draws}")
         mu, logvar = await self.encode(x)  # (B, D) each
 
         def draw() -> tuple[F32, F32]:
@@ -237,8 +240,8 @@ class Runtime:
             heat = objective.anomaly_map(x, mean) if anomaly_map and mean is not None else None
             return Evaluation(terms=terms, iwae=bound, score=values, anomaly_map=heat, mu=mu)
 
-        result = await off_loop(b * n, bounds)
-        self.release_after(b * n)
+        result = await off_loop(rows, bounds)
+        self.release_after(rows)
         return result
 
     def info(self) -> dict[str, Any]:

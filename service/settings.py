@@ -38,7 +38,8 @@ class Settings(BaseSettings):
         ge=1,
         le=1_000_000,
         description="per-request compute budget in network rows: images x draws for /elbo "
-        "(the most of samples, k and the score's draws), images for /encode and /reconstruct, "
+        "(the most of samples, k and the score's draws; one more with map), images for /encode "
+        "and /reconstruct, "
         "z rows for /decode, n for /sample, steps for /interpolate (422 above)",
     )
     max_upload_bytes: int = Field(
@@ -49,12 +50,6 @@ class Settings(BaseSettings):
         ge=1,
         description="pixels (width x height) a request's images may declare in all, checked "
         "from their headers before decoding (413 above)",
-    )
-    max_map_pixels: int = Field(
-        default=512 * 512,
-        ge=1,
-        le=1 << 26,
-        description="largest images x height x width of one /elbo request asking for map",
     )
     strict_size: bool = Field(
         default=False, description="reject images whose size differs from the model"
@@ -69,15 +64,6 @@ class Settings(BaseSettings):
         description="when set, model endpoints need X-API-Key or Authorization: Bearer",
     )
     log_level: LogLevel = "info"
-    admin_open: bool = Field(
-        default=False,
-        description="allow /admin without VAE_API_KEY (only on a trusted network)",
-    )
-    models_root: Path | None = Field(
-        default=None,
-        description="directory POST /admin/reload loads bundles from, by name relative to it; "
-        "default: the directory holding VAE_BUNDLE",
-    )
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default=[],
         description="comma-separated browser origins allowed by CORS ('*' for any); empty: off",
@@ -123,8 +109,9 @@ class Settings(BaseSettings):
 
     @property
     def models_directory(self) -> Path:
-        """VAE_MODELS_ROOT, or the directory holding VAE_BUNDLE; absolute."""
-        return (self.models_root or self.bundle.absolute().parent).resolve()
+        """The directory holding VAE_BUNDLE (absolute): POST /admin/reload loads bundles from it,
+        by name, so a client can name a sibling bundle but no other path."""
+        return self.bundle.absolute().parent.resolve()
 
     @property
     def log_level_number(self) -> int:

@@ -23,16 +23,14 @@ from service.schemas import RequestBody
 
 ADMIN_DISABLED = (
     "admin endpoints are disabled: no VAE_API_KEY is configured; set VAE_API_KEY to enable them "
-    "with that key, or VAE_ADMIN_OPEN=true to open them on a trusted network"
+    "with that key (SIGHUP reloads the bundle without one)"
 )
 
 
 async def require_admin(request: Request, settings: SettingsDep) -> None:
-    """The API key when one is configured; without one, 403 unless VAE_ADMIN_OPEN=true."""
+    """The API key; without one configured, 403: admin is never open to anyone."""
     if settings.api_key is None:
-        if not settings.admin_open:
-            raise HTTPException(status_code=403, detail=ADMIN_DISABLED)
-        return
+        raise HTTPException(status_code=403, detail=ADMIN_DISABLED)
     await require_api_key(request, settings)
 
 
@@ -51,8 +49,8 @@ class ReloadRequest(RequestBody):
         max_length=4096,
         # documented, not enforced here: the route's own checks name the problem more clearly
         json_schema_extra={"pattern": BUNDLE_NAME},
-        description="bundle directory, relative to the server's models root (VAE_MODELS_ROOT); "
-        "default: the bundle serving now",
+        description="bundle directory, relative to the server's models root (the directory "
+        "holding VAE_BUNDLE); default: the bundle serving now",
         examples=["mnist"],
     )
 
@@ -87,7 +85,7 @@ async def json_if_any(request: Request) -> None:
     "/reload",
     dependencies=[Depends(json_if_any)],
     responses={
-        403: {"description": "admin disabled (no VAE_API_KEY and VAE_ADMIN_OPEN is off)"},
+        403: {"description": "admin disabled (no VAE_API_KEY)"},
         404: {"description": "no bundle of that name under the models root"},
         415: {"description": "a body that is not JSON"},
         409: {"description": "the bundle failed a check, or another reload is running"},

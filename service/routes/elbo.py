@@ -7,7 +7,7 @@ from fastapi import APIRouter, Query, Response
 
 from service.bundle import ScoreCalibration
 from service.objective import F64, RECONSTRUCTION_SCORES, percentile_of, value_at
-from service.parsing import IMAGES_OPENAPI, ImagesDep, invalid, over_limit
+from service.parsing import IMAGES_OPENAPI, ImagesDep, invalid
 from service.rendering import heat_png
 from service.runtime import F32, MAX_SEED, Evaluation, Runtime, off_loop
 from service.schemas import ElboPublic, Score, json_response
@@ -72,9 +72,6 @@ async def elbo(
 ) -> Response:
     """Score images: ELBO and its terms, optional IWAE, anomaly score, percentile and verdict."""
     runtime, x, settings = images.runtime, images.x, images.settings
-    if heat and x.size // x.shape[1] > settings.max_map_pixels:
-        pixels = x.size // x.shape[1]
-        raise over_limit(("query", "map"), pixels, settings.max_map_pixels, "VAE_MAX_MAP_PIXELS")
     chosen = score or runtime.manifest.default_score
     draws = score_draws(runtime, chosen, samples, k)
     result = await runtime.evaluate(

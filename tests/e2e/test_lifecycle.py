@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import threading
@@ -67,16 +68,18 @@ def wait_in_flight(client: httpx.Client, endpoint: str, count: int = 1) -> None:
 
 
 def test_requests_in_flight_finish_on_the_model_they_started_with(
-    tiny_bundle: Path, tiny_gaussian_bundle: Path
+    tiny_bundle: Path, tiny_gaussian_bundle: Path, tmp_path: Path
 ) -> None:
     body = slow_body(32)
-    root = str(tiny_gaussian_bundle.parent)
-    with server(tiny_bundle, VAE_MODELS_ROOT=root) as (_, client, _output):
+    # reload loads by name from the directory holding VAE_BUNDLE: both bundles side by side
+    shutil.copytree(tiny_bundle, tmp_path / "bernoulli")
+    shutil.copytree(tiny_gaussian_bundle, tmp_path / "gaussian")
+    with server(tmp_path / "bernoulli") as (_, client, _output):
         before = client.post("/elbo", files=body, params=SLOW)
         assert before.status_code == 200
         thread, during = in_background(client.post, "/elbo", files=body, params=SLOW)
         wait_in_flight(client, "/elbo", count=2)
-        swap = client.post("/admin/reload", json={"bundle": tiny_gaussian_bundle.name})
+        swap = client.post("/admin/reload", json={"bundle": "gaussian"})
         assert swap.status_code == 200, swap.text
         assert swap.json()["current"]["name"] == "tiny-gaussian"
         assert client.get("/model").json()["likelihood"] == "gaussian"

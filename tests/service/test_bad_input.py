@@ -20,7 +20,6 @@ LIMITS = {
     "max_rows": 20,
     "max_upload_bytes": 64 * 1024,
     "max_pixels": 100_000,
-    "max_map_pixels": 2 * 28 * 28,
 }
 PNG = encode(stroke())
 IMAGE_ROUTES = ["/encode", "/elbo", "/reconstruct"]
@@ -338,13 +337,20 @@ def test_bad_elbo_parameters(limited: TestClient, params: dict, expected: str) -
     check(limited.post("/elbo", params=params, files=files(PNG)), 422, expected)
 
 
-def test_map_over_its_limit_names_the_setting(limited: TestClient) -> None:
-    assert limited.post("/elbo", params={"map": "png"}, files=files(PNG, PNG)).status_code == 200
+def test_map_counts_in_the_row_budget(limited: TestClient) -> None:
+    """A map is one more image-sized row per image: 2 images x (9 draws + 1 map) = 20 rows fit
+    VAE_MAX_ROWS=20, 2 x (10 + 1) do not."""
+    ok = limited.post("/elbo", params={"map": "png", "k": 9}, files=files(PNG, PNG))
+    assert ok.status_code == 200, ok.text
+    assert len(ok.json()["results"]) == 2
     check(
-        limited.post("/elbo", params={"map": "array"}, files=files(PNG, PNG, PNG)),
+        limited.post("/elbo", params={"map": "array", "k": 10}, files=files(PNG, PNG)),
         422,
-        "query.map: Input should be less than or equal to 1568 (VAE_MAX_MAP_PIXELS); got 2352",
+        "request: this request needs 2 images x (10 draws + 1 map) = 22 network rows, over the "
+        "per-request budget of 20 rows (VAE_MAX_ROWS)",
     )
+    # without the map, the same draws fit
+    assert limited.post("/elbo", params={"k": 10}, files=files(PNG, PNG)).status_code == 200
 
 
 @pytest.mark.parametrize(

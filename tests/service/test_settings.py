@@ -21,10 +21,9 @@ def test_defaults() -> None:
 
 
 def test_few_settings() -> None:
-    """Settings are what differs between deployments; tuning constants live in the code. Issue
-    16 asks for at most 12: 15 since VAE_MAX_MAP_PIXELS, VAE_MODELS_ROOT and (again)
-    VAE_ADMIN_OPEN came with the anomaly and hardening work."""
-    assert len(Settings.model_fields) <= 15
+    """Settings are what differs between deployments; tuning constants live in the code (issue
+    16: at most 12)."""
+    assert len(Settings.model_fields) <= 12
 
 
 def test_reads_environment(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -40,6 +40,9 @@ from tests.stress import harness
 HEAVY_K = 1000
 HEAVY_IMAGES = Settings.model_fields["max_rows"].default // HEAVY_K
 
+# admin needs the API key, so the server runs with one and every client sends it
+KEY = {"X-API-Key": "attack-kit"}
+ENV = {"VAE_API_KEY": KEY["X-API-Key"]}
 log = logging.getLogger("tests.stress.attacks")
 
 PROBE_EVERY_S = 0.05
@@ -154,7 +157,7 @@ def attacks(seconds: float) -> dict[str, tuple[int, Attack]]:
     def post(path: str, **kwargs: Any) -> Callable[[str, int], str]:
         def attempt(url: str, i: int) -> str:
             try:
-                with httpx.Client(timeout=120) as client:
+                with httpx.Client(timeout=120, headers=KEY) as client:
                     return str(client.post(f"{url}{path}", **kwargs).status_code)
             except httpx.HTTPError as exc:
                 return type(exc).__name__
@@ -164,7 +167,9 @@ def attacks(seconds: float) -> dict[str, tuple[int, Attack]]:
     def get(path: str, **kwargs: Any) -> Callable[[str, int], str]:
         def attempt(url: str, i: int) -> str:
             try:
-                return str(httpx.get(f"{url}{path}", timeout=120, **kwargs).status_code)
+                return str(
+                    httpx.get(f"{url}{path}", timeout=120, headers=KEY, **kwargs).status_code
+                )
             except httpx.HTTPError as exc:
                 return type(exc).__name__
 
@@ -253,11 +258,11 @@ def run_family(url: str, name: str, clients: int, attempt: Attack | None, second
 def reloads_under_load(server: harness.Server, count: int) -> tuple[int, int]:
     """RSS before and after `count` /admin/reload calls while a load of mixed requests runs."""
     stop = threading.Event()
-    model = httpx.get(f"{server.url}/model").json()
+    model = httpx.get(f"{server.url}/model", headers=KEY).json()
     requests = harness.mixed_requests(model)
 
     def loader() -> None:
-        with httpx.Client(base_url=server.url, timeout=60) as client:
+        with httpx.Client(base_url=server.url, timeout=60, headers=KEY) as client:
             i = 0
             while not stop.is_set():
                 method, path, kwargs = requests["POST /elbo"] if i % 2 else requests["GET /sample"]
@@ -267,7 +272,7 @@ def reloads_under_load(server: harness.Server, count: int) -> tuple[int, int]:
     threads = [threading.Thread(target=loader, daemon=True) for _ in range(4)]
     for thread in threads:
         thread.start()
-    with httpx.Client(base_url=server.url, timeout=60) as client:
+    with httpx.Client(base_url=server.url, timeout=60, headers=KEY) as client:
         for _ in range(10):  # warm-up: the first reloads allocate what later ones reuse
             assert client.post("/admin/reload").status_code == 200
         before = server.rss_bytes()
@@ -290,7 +295,7 @@ def maximal_elbo(server: harness.Server) -> tuple[int, int, int]:
     """RSS before, right after and 2 s after the heaviest /elbo the limits allow."""
     digits = [image_file(28, "PNG") for _ in range(HEAVY_IMAGES)]
     files = [("images", (f"{i}.png", data, "image/png")) for i, data in enumerate(digits)]
-    with httpx.Client(base_url=server.url, timeout=300) as client:
+    with httpx.Client(base_url=server.url, timeout=300, headers=KEY) as client:
         assert client.post("/elbo", files=files[:2]).status_code == 200
         before = server.rss_bytes()
         response = client.post("/elbo", files=files, params={"k": HEAVY_K, "score": "neg_iwae"})
@@ -309,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level="WARNING", format="%(levelname)s %(name)s: %(message)s")
     ok = True
-    env = {"VAE_ADMIN_OPEN": "true"}
+    env = ENV
     tracebacks = 0
     with live_server(args.bundle, env=env) as server:
         print(

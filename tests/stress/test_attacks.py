@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_no_attack_gets_a_server_error(bundle: Path) -> None:
-    with live_server(bundle, env={"VAE_ADMIN_OPEN": "true"}) as server:
+    with live_server(bundle, env=attacks.ENV) as server:
         for name, (clients, attempt) in attacks.attacks(1.0).items():
             family = attacks.run_family(server.url, name, clients, attempt, 1.0)
             server_errors = {s: n for s, n in family.statuses.items() if s.startswith("5")}
