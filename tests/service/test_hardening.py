@@ -92,6 +92,43 @@ def test_a_truncated_multipart_body_says_so(client: TestClient) -> None:
         )
 
 
+MULTIPART = "multipart/form-data; boundary=b"
+FILE_PART = b'--b\r\nContent-Disposition: form-data; name="i"; filename="a.png"\r\n\r\nx\r\n'
+
+
+@pytest.mark.parametrize(
+    "body, content_type, status, message",
+    [
+        (b"--b\r\n\r\nx\r\n--b--\r\n", "multipart/form-data", 400, "has no boundary"),
+        (b"--bXYZ\r\n\r\nx\r\n--b--\r\n", MULTIPART, 400, "malformed multipart body: Did not"),
+        (b"--b\r\nNo colon here\r\n\r\nx\r\n--b--\r\n", MULTIPART, 400, "invalid character"),
+        (FILE_PART * 1001 + b"--b--\r\n", MULTIPART, 400, "more than 1000 parts"),
+        (
+            b"--b\r\nContent-Type: image/png\r\n\r\nx\r\n--b--\r\n",
+            MULTIPART,
+            422,
+            "form field '0' is not a file upload",
+        ),
+        (b"--b--\r\n", MULTIPART, 422, "no images: send at least one image"),
+    ],
+    ids=["no-boundary", "junk", "header", "parts", "no-filename", "empty"],
+)
+def test_malformed_multipart_gets_a_4xx_naming_it_and_no_log(
+    client: TestClient,
+    caplog: pytest.LogCaptureFixture,
+    body: bytes,
+    content_type: str,
+    status: int,
+    message: str,
+) -> None:
+    with caplog.at_level(logging.INFO):
+        response = client.post("/encode", content=body, headers={"Content-Type": content_type})
+    assert response.status_code == status, response.text
+    assert message in response.text
+    # the parser's own complaint is not logged: a client cannot flood the log
+    assert not [r for r in caplog.records if r.name.startswith("python_multipart")]
+
+
 def test_json_bodies_are_bounded_below_the_upload_limit(client: TestClient) -> None:
     body = json.dumps({"z": [[0.0] * 8] * 40_000})
     assert len(body) > MAX_JSON_BYTES
