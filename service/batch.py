@@ -40,7 +40,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
 from service.bundle import Bundle, BundleError, ScoreName, load_bundle
-from service.imaging import ImageError, convert_channels, decode_image, read_npy, resize
+from service.imaging import ImageError, decode_image, fit_array, read_npy
 from service.metrics import Metrics
 from service.routes.elbo import ThresholdSource, Verdict, score_draws, threshold_for
 from service.runtime import F32, Runtime, available_cpus
@@ -310,10 +310,7 @@ def load_image(
     (array,) = read_npy(
         data, max_images=1, max_pixels=max_pixels, images_limit="vae score reads one per .npy file"
     )
-    c, h, w = shape
-    if strict and array.shape[1:] != (h, w):
-        raise ImageError(f"is {array.shape[2]}x{array.shape[1]}; the model takes {w}x{h}")
-    return resize(convert_channels(array, c), h, w)
+    return fit_array(array, shape, strict=strict)
 
 
 class Scorer:

@@ -92,6 +92,15 @@ def _check_strict(width: int, height: int, shape: tuple[int, int, int], strict: 
         raise ImageError(f"is {width}x{height}; the model takes {w}x{h} (VAE_STRICT_SIZE is on)")
 
 
+def fit_array(array: F32, shape: tuple[int, int, int], *, strict: bool) -> F32:
+    """A decoded `(C', H', W')` array in [0, 1] at the model's channels and size, by the rule
+    `decode_image` applies to files; ImageError when `strict` and its size differs."""
+    height, width = array.shape[1:]
+    _check_strict(width, height, shape, strict)
+    c, h, w = shape
+    return resize(convert_channels(array, c), h, w)
+
+
 def declared_size(data: bytes) -> tuple[int, int]:
     """`(width, height)` an upload declares in its header, read before any pixel is decoded, for
     every format accepted (Pillow's `Image.open` parses only the header); (0, 0) when the bytes

@@ -25,11 +25,11 @@ from service.imaging import (
     NPY_MEDIA,
     SMALL_BYTES,
     ImageError,
-    convert_channels,
+    check_pixels,
     decode_image,
+    fit_array,
     plan_uploads,
     read_npy,
-    resize,
 )
 from service.runtime import F32, Runtime, off_loop
 from service.schemas import BLACK_28X28_PNG, ImagesRequest
@@ -234,22 +234,16 @@ def _decode_uploads(
 
 
 def _prepare_arrays(arrays: list[F32], shape: tuple[int, int, int], settings: Settings) -> F32:
-    c, h, w = shape
     images = []
     for i, array in enumerate(arrays):
         height, width = array.shape[1:]
-        if height * width > settings.max_pixels:
-            raise HTTPException(
-                status_code=413,
-                detail=f"pixels[{i}] is {width}x{height} = {width * height} pixels, over the limit "
-                f"of {settings.max_pixels} (VAE_MAX_PIXELS)",
-            )
-        if settings.strict_size and (height, width) != (h, w):
-            raise invalid(
-                ("body", "pixels", i),
-                f"pixels[{i}] is {width}x{height}; the model takes {w}x{h} (VAE_STRICT_SIZE is on)",
-            )
-        images.append(resize(convert_channels(array, c), h, w))
+        try:
+            check_pixels(height * width, settings.max_pixels, f"is {width}x{height} =")
+            images.append(fit_array(array, shape, strict=settings.strict_size))
+        except ImageError as exc:
+            if exc.status == 413:
+                raise HTTPException(status_code=413, detail=f"pixels[{i}] {exc}") from None
+            raise invalid(("body", "pixels", i), f"pixels[{i}] {exc}") from None
     return np.stack(images)
 
 
@@ -261,17 +255,12 @@ def _prepare_npy(data: bytes, shape: tuple[int, int, int], settings: Settings) -
         if exc.status == 413:
             raise HTTPException(status_code=413, detail=message) from None
         raise invalid(("body",), message) from None
-    c, h, w = shape
     if batch.shape[1:] == shape:
         return batch
-    height, width = batch.shape[2:]
-    if settings.strict_size and (height, width) != (h, w):
-        raise invalid(
-            ("body",),
-            f"the array's images are {width}x{height}; the model takes {w}x{h} "
-            "(VAE_STRICT_SIZE is on)",
-        )
-    return np.stack([resize(convert_channels(image, c), h, w) for image in batch])
+    try:
+        return np.stack([fit_array(image, shape, strict=settings.strict_size) for image in batch])
+    except ImageError as exc:
+        raise invalid(("body",), f"the application/x-npy body's images {exc}") from None
 
 
 async def _read_batch(request: Request, settings: Settings, runtime: Runtime) -> F32:
