@@ -46,9 +46,6 @@ IMAGE_MEDIA = (
 # python-multipart logs each malformed body it stops at, at warning level; the client gets a 400
 # naming the problem instead, and cannot flood the log
 logging.getLogger("python_multipart").setLevel(logging.ERROR)
-# parts a multipart body may hold (Starlette's default cap); VAE_MAX_ROWS bounds the images
-# separately, with a clear 422
-MULTIPART_MAX_PARTS = 1000
 # .npy bodies up to this size are converted on the event loop (a copy and a scale: microseconds)
 NPY_INLINE_BYTES = 1 << 20
 
@@ -156,8 +153,6 @@ class _Parts:
         }
 
     def _begin(self) -> None:
-        if len(self.parts) >= MULTIPART_MAX_PARTS:
-            raise MultipartParseError(f"more than {MULTIPART_MAX_PARTS} parts")
         self._headers, self._data = {}, []
 
     def _header_end(self) -> None:
@@ -168,7 +163,7 @@ class _Parts:
         self.parts.append((self._headers, b"".join(self._data)))
 
 
-async def _multipart_uploads(request: Request) -> list[Upload]:
+async def _multipart_uploads(request: Request, settings: Settings) -> list[Upload]:
     """The file parts of a multipart/form-data body, parsed in memory by python-multipart (the
     parser Starlette uses, without its per-file spooled temporary files)."""
     body, content_type = await request.body(), request.headers.get("content-type", "")
@@ -176,6 +171,10 @@ async def _multipart_uploads(request: Request) -> list[Upload]:
     if not boundary:
         raise HTTPException(status_code=400, detail="the multipart Content-Type has no boundary")
     _check_complete(body, content_type)
+    # the delimiters, less the closing one: at least the parts' count, found before parsing any
+    parts = body.count(b"--" + boundary) - 1
+    if parts > settings.max_rows:
+        raise over_limit(("body", "images"), parts, settings.max_rows, "VAE_MAX_ROWS")
     collected = _Parts()
     try:
         parser = MultipartParser(boundary, collected.callbacks())
@@ -267,7 +266,7 @@ async def _read_batch(request: Request, settings: Settings, runtime: Runtime) ->
     shape = runtime.manifest.input_shape
     kind = media_type(request)
     if kind == "multipart/form-data":
-        uploads = await _multipart_uploads(request)
+        uploads = await _multipart_uploads(request, settings)
     elif is_json(kind):
         try:
             body = ImagesRequest.model_validate(await read_json(request))

@@ -102,7 +102,12 @@ FILE_PART = b'--b\r\nContent-Disposition: form-data; name="i"; filename="a.png"\
         (b"--b\r\n\r\nx\r\n--b--\r\n", "multipart/form-data", 400, "has no boundary"),
         (b"--bXYZ\r\n\r\nx\r\n--b--\r\n", MULTIPART, 400, "malformed multipart body: Did not"),
         (b"--b\r\nNo colon here\r\n\r\nx\r\n--b--\r\n", MULTIPART, 400, "invalid character"),
-        (FILE_PART * 1001 + b"--b--\r\n", MULTIPART, 400, "more than 1000 parts"),
+        (
+            FILE_PART * 8193 + b"--b--\r\n",
+            MULTIPART,
+            422,
+            "Input should be less than or equal to 8192 (VAE_MAX_ROWS); got 8193",
+        ),
         (
             b"--b\r\nContent-Type: image/png\r\n\r\nx\r\n--b--\r\n",
             MULTIPART,
@@ -216,6 +221,25 @@ def test_openapi_tells_the_truth(make_client: MakeClient) -> None:
     for path in ("/healthz", "/readyz", "/metrics"):
         assert "security" not in paths[path]["get"]
     assert set(paths["/encode"]["post"]["responses"]) >= {"400", "413", "415", "422", "503"}
+
+
+def test_openapi_bounds_each_count_by_the_row_budget(make_client: MakeClient) -> None:
+    with make_client(max_rows=300) as client:
+        paths = client.get("/openapi.json").json()["paths"]
+        # the documented maximum is accepted, one more is the budget's 422
+        assert client.get("/sample", params={"n": 300, "format": "arrays"}).status_code == 200
+        assert client.get("/sample", params={"n": 301}).status_code == 422
+
+    def maximum(path: str, method: str, name: str) -> int:
+        (parameter,) = [p for p in paths[path][method]["parameters"] if p["name"] == name]
+        options = parameter["schema"].get("anyOf", [parameter["schema"]])
+        return next(o["maximum"] for o in options if o.get("type") == "integer")
+
+    assert maximum("/sample", "get", "n") == 300
+    assert maximum("/interpolate", "post", "steps") == 300
+    assert maximum("/elbo", "post", "k") == maximum("/elbo", "post", "samples") == 300
+    images = paths["/encode"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert images["properties"]["images"]["maxItems"] == 300
 
 
 def test_a_large_request_gives_its_memory_back(
