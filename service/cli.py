@@ -72,8 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=1,
         help="server processes, each with its own socket (SO_REUSEPORT) so connections spread "
-        "evenly; 0: one per usable core. POST /admin/reload reaches one worker: reload with "
-        "SIGHUP when there are several",
+        "evenly; 0: one per usable core. POST /admin/reload and SIGHUP reload every worker",
     )
     serve.add_argument(
         "--log-level",

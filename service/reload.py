@@ -22,6 +22,7 @@ from pathlib import Path
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
+from service import workers
 from service.bundle import BundleError, load_bundle
 from service.memory import trim
 from service.metrics import Metrics
@@ -174,7 +175,8 @@ async def reload_model(app: FastAPI, path: Path | None = None) -> Swap:
 
 async def _reload_logged(app: FastAPI) -> None:
     try:
-        await reload_model(app)
+        # with several workers, the bundle a POST /admin/reload announced (service/workers.py)
+        await reload_model(app, workers.announced_bundle())
     except (BundleError, ReloadInProgress) as exc:
         log.error("SIGHUP reload refused, still serving the old model: %s", exc)
 

@@ -20,6 +20,7 @@ from service.reload import (
 )
 from service.runtime import Runtime
 from service.schemas import RequestBody
+from service.workers import announce_reload
 
 ADMIN_DISABLED = (
     "admin endpoints are disabled: no VAE_API_KEY is configured; set VAE_API_KEY to enable them "
@@ -117,6 +118,8 @@ async def reload(
         )
         detail = public_message(f"bundle refused: {exc}{still}", root)
         raise HTTPException(status_code=409, detail=detail) from None
+    # with several workers, the others load the same bundle (service/workers.py)
+    announce_reload(request.app.state.runtime.bundle.path)
     return ReloadPublic(
         previous=ModelVersion.of(swap.previous, root) if swap.previous else None,
         current=ModelVersion.of(swap.current, root),

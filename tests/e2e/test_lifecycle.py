@@ -180,3 +180,41 @@ def test_workers_each_serve_on_their_own_socket_and_share_signals(tiny_bundle: P
         assert running.stop() == 0
     assert all(not Path(f"/proc/{pid}").exists() for pid in workers)
     assert "Traceback" not in running.output
+
+
+def test_admin_reload_reaches_every_worker(tiny_bundle: Path, tmp_path: Path) -> None:
+    """POST /admin/reload answered by one of two workers: the other loads the same bundle, and a
+    later SIGHUP keeps it (both reload the announced bundle, not their start-up one)."""
+    shutil.copytree(tiny_bundle, tmp_path / "v1")
+    rewrite_manifest(tiny_bundle, tmp_path / "v2", version="0.0.2")
+    env = {"VAE_API_KEY": KEY["X-API-Key"]}
+    with live_server(tmp_path / "v1", "--workers", "2", "--log-level", "info", env=env) as running:
+        deadline = time.monotonic() + 60  # the second worker may still be loading
+        while running.output.count("ready: serving tiny-bernoulli") < 2:
+            assert time.monotonic() < deadline, running.output
+            time.sleep(0.1)
+
+        def versions(connections: int = 24) -> set[str]:
+            """The versions served, over new connections (the kernel spreads them)."""
+            seen = set()
+            for _ in range(connections):
+                with running.client(headers=KEY) as client:
+                    seen.add(client.get("/model").json()["version"])
+            return seen
+
+        assert versions() == {"0.0.1"}
+        with running.client(headers=KEY) as client:
+            swap = client.post("/admin/reload", json={"bundle": "v2"})
+        assert swap.status_code == 200, swap.text
+        assert swap.json()["current"]["version"] == "0.0.2"
+        while running.output.count("reloaded tiny-bernoulli 0.0.2") < 2:
+            assert time.monotonic() < deadline, running.output
+            time.sleep(0.1)
+        assert versions() == {"0.0.2"}
+        running.process.send_signal(signal.SIGHUP)
+        while running.output.count("reloaded tiny-bernoulli 0.0.2") < 4:
+            assert time.monotonic() < deadline + 30, running.output
+            time.sleep(0.1)
+        assert versions() == {"0.0.2"}
+        assert running.stop() == 0
+    assert "Traceback" not in running.output
