@@ -8,7 +8,7 @@ from pydantic import BaseModel, Field
 
 from service.bundle import BundleError
 from service.deps import SettingsDep, require_api_key
-from service.parsing import invalid, require_json
+from service.parsing import JSONRoute, invalid, require_json
 from service.reload import (
     BundleNotFound,
     ReloadInProgress,
@@ -38,7 +38,9 @@ async def require_admin(request: Request, settings: SettingsDep) -> None:
 # relative: '/'-separated names of 1-255 characters, none starting with '.' (no '..')
 BUNDLE_NAME = r"^[^/.\x00][^/\x00]{0,254}(/[^/.\x00][^/\x00]{0,254})*$"
 
-router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)])
+router = APIRouter(
+    prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)], route_class=JSONRoute
+)
 
 
 class ReloadRequest(RequestBody):

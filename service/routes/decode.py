@@ -6,12 +6,12 @@ import numpy as np
 from fastapi import APIRouter, Depends, Response
 
 from service.deps import ServedDep, get_served
-from service.parsing import invalid, require_json
+from service.parsing import JSONRoute, invalid, require_json
 from service.rendering import IMAGE_RESPONSES, FormatDep, render_images
 from service.runtime import F32, Runtime, off_loop
 from service.schemas import DecodeRequest, ImagesPublic
 
-router = APIRouter(tags=["images"])
+router = APIRouter(tags=["images"], route_class=JSONRoute)
 
 # |z| bound: 10^4 standard deviations of the prior N(0, I), far past any meaningful latent, and
 # well inside what the decoder computes without overflowing float32

@@ -19,11 +19,11 @@ import numpy as np
 from fastapi import APIRouter, Depends, Path, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
 
 from service import __version__
 from service.deps import RuntimeDep, SettingsDep, require_api_key
+from service.parsing import JSONRoute
 from service.runtime import F32, Runtime, off_loop
 from service.v2_schemas import (
     ErrorV2,
@@ -54,7 +54,7 @@ def _error_text(exc: RequestValidationError) -> str:
     )
 
 
-class V2Route(APIRoute):
+class V2Route(JSONRoute):
     """Answers errors, its dependencies' included, in the protocol's `{"error": ...}` format."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:

@@ -17,6 +17,7 @@ from service.bundle import Bundle
 from service.errors import MAX_JSON_BYTES
 from service.main import create_app
 from service.memory import RELEASE_ROWS
+from service.parsing import INLINE_JSON_BYTES
 from service.settings import Settings
 from tests.service.conftest import MakeClient
 from tests.service.helpers import encode, rewrite_manifest, stroke
@@ -132,6 +133,50 @@ def test_malformed_multipart_gets_a_4xx_naming_it_and_no_log(
     assert message in response.text
     # the parser's own complaint is not logged: a client cannot flood the log
     assert not [r for r in caplog.records if r.name.startswith("python_multipart")]
+
+
+@pytest.mark.parametrize(
+    "method, path, body",
+    [
+        ("POST", "/decode", lambda rows: {"z": [[0.25] * 8] * rows}),
+        ("POST", "/encode", lambda rows: {"pixels": [[[0.5] * 28] * 28] * (rows // 100)}),
+        (
+            "POST",
+            "/v2/models/tiny-bernoulli-decoder/infer",
+            lambda rows: {
+                "inputs": [
+                    {"name": "z", "shape": [rows, 8], "datatype": "FP32", "data": [0.25] * 8 * rows}
+                ]
+            },
+        ),
+    ],
+    ids=["decode", "encode-pixels", "v2-infer"],
+)
+def test_large_json_bodies_are_parsed_off_the_event_loop(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch, method: str, path: str, body: Any
+) -> None:
+    """A JSON body over INLINE_JSON_BYTES is parsed in a worker thread (no running event loop
+    there), a small one on the loop; both answer the same."""
+    on_loop: list[bool] = []
+    loads = json.loads
+
+    def recording_loads(data: Any, **kwargs: Any) -> Any:
+        try:
+            asyncio.get_running_loop()
+            on_loop.append(True)
+        except RuntimeError:
+            on_loop.append(False)
+        return loads(data, **kwargs)
+
+    monkeypatch.setattr("service.parsing.json.loads", recording_loads)
+    small, large = json.dumps(body(200)), json.dumps(body(4000))
+    assert len(small) <= INLINE_JSON_BYTES < len(large) <= MAX_JSON_BYTES
+    for content in (small, large):
+        answer = client.request(
+            method, path, content=content, headers={"Content-Type": "application/json"}
+        )
+        assert answer.status_code == 200, answer.text
+    assert on_loop == [True, False]
 
 
 def test_json_bodies_are_bounded_below_the_upload_limit(client: TestClient) -> None:
