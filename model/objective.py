@@ -162,25 +162,47 @@ def blur(a: torch.Tensor) -> torch.Tensor:
     return F.conv2d(a, kernel, padding=2, groups=channels)
 
 
+def blurred_error(x: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """`sum_c blur(x - mean)^2` per pixel, `(B, C, H, W)` -> `(B, H, W)`: the blur_recon scores'
+    numerator."""
+    return blur(x - mean).pow(2).sum(1)
+
+
 def blur_recon_rel(x: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
     """`sum(blur(x - mean)^2) / (sum(x) + 1)` per image: the score blur_recon_rel (bundles of
     2.0 and before chose it by name; it assumes bright strokes on a dark background)."""
-    return blur(x - mean).pow(2).flatten(1).sum(1) / (x.flatten(1).sum(1) + 1.0)
+    return blurred_error(x, mean).flatten(1).sum(1) / (x.flatten(1).sum(1) + 1.0)
+
+
+def background(x: torch.Tensor) -> torch.Tensor:
+    """Each channel's median over the image (numpy's: the two middle values' mean),
+    `(B, C, H, W)` -> `(B, C, 1, 1)`."""
+    return torch.quantile(x.flatten(2), 0.5, dim=-1)[..., None, None]
 
 
 def contrast(x: torch.Tensor) -> torch.Tensor:
-    """`sum |x - median(x)|` per image, the median per channel (numpy's: the two middle values'
-    mean), `(B, C, H, W)` -> `(B,)`: how far an image is from its own background."""
-    background = torch.quantile(x.flatten(2), 0.5, dim=-1)[..., None, None]  # (B, C, 1, 1)
-    return (x - background).abs().flatten(1).sum(1)
+    """`sum |x - background(x)|` per image, `(B, C, H, W)` -> `(B,)`."""
+    return (x - background(x)).abs().flatten(1).sum(1)
 
 
-def anomaly_map(x: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
-    """Per-pixel terms of blur_recon_contrast, `(B, C, H, W)` -> `(B, H, W)`."""
-    return blur(x - mean).pow(2).sum(1) / (contrast(x) + 1.0)[:, None, None]
+def contrast_energy(x: torch.Tensor) -> torch.Tensor:
+    """`sum (x - background(x))^2` per image, `(B, C, H, W)` -> `(B,)`: scales with the colour
+    contrast squared, as the reconstruction error does."""
+    return (x - background(x)).pow(2).flatten(1).sum(1)
 
 
 def blur_recon_contrast(x: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
-    """`sum(blur(x - mean)^2) / (contrast(x) + 1)` per image: the default anomaly score of a new
-    bundle (service/objective.py says why)."""
+    """`sum(blur(x - mean)^2) / (contrast(x) + 1)` per image: the default of bundles calibrated
+    by 2.1."""
+    return blurred_error(x, mean).flatten(1).sum(1) / (contrast(x) + 1.0)
+
+
+def anomaly_map(x: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """Per-pixel terms of blur_recon_energy, `(B, C, H, W)` -> `(B, H, W)`."""
+    return blurred_error(x, mean) / (contrast_energy(x) + 1.0)[:, None, None]
+
+
+def blur_recon_energy(x: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """`sum(blur(x - mean)^2) / (contrast_energy(x) + 1)` per image: the blurred error over the
+    image's squared contrast (service/objective.py says why)."""
     return anomaly_map(x, mean).flatten(1).sum(1)

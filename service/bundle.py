@@ -38,7 +38,14 @@ Array = np.ndarray[Any, np.dtype[np.float32]]
 
 # The anomaly scores this server computes (service/objective.py); a manifest naming another is
 # refused with a message naming it.
-ScoreName = Literal["neg_elbo", "neg_iwae", "recon_error", "blur_recon_rel", "blur_recon_contrast"]
+ScoreName = Literal[
+    "neg_elbo",
+    "neg_iwae",
+    "recon_error",
+    "blur_recon_rel",
+    "blur_recon_contrast",
+    "blur_recon_energy",
+]
 SCORE_NAMES: tuple[str, ...] = get_args(ScoreName)
 
 

@@ -22,6 +22,7 @@ MODEL_COMMANDS = {
     "train": "train a VAE on images",
     "export": "export a checkpoint to a bundle (manifest.json + ONNX)",
     "evaluate": "evaluate a checkpoint or bundle on test data",
+    "calibrate": "recalibrate a bundle's anomaly scores from its ONNX files",
 }
 LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
 # uvicorn's connection options, set on purpose (docs/DEPLOY.md): the httptools protocol with head

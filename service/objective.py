@@ -137,50 +137,75 @@ def blur(a: F32) -> F32:
     return out
 
 
+def blurred_error(x: F32, mean: F32) -> F64:
+    """`sum_c blur(x - mean)^2` per pixel, `x, mean (B, C, H, W)` -> `(B, H, W)`: the numerator of
+    the blur_recon scores. Blurring the error forgives strokes shifted by a pixel or two."""
+    err: F64 = np.sum(np.square(blur(x - mean)), axis=1, dtype=np.float64)
+    return err
+
+
 def blur_recon_rel(x: F32, mean: F32) -> F64:
     """The blur_recon_rel score: `sum(blur(x - mean)^2) / (sum(x) + 1)` per image -> `(B,)`.
 
-    `x, mean (B, C, H, W)`; `mean` is the decoder's mean at `z = mu`. Blurring the error forgives
-    strokes shifted by a pixel or two; dividing by the ink stops thin digits (a `1`) from looking
-    normal to every model. On one-class MNIST it beats `recon_error` (BENCHMARKS.md).
+    `x, mean (B, C, H, W)`; `mean` is the decoder's mean at `z = mu`. Dividing by the ink stops
+    thin digits (a `1`) from looking normal to every model, but assumes bright strokes on a dark
+    background (bundles of 2.0 and before chose it by name).
     """
-    err = np.sum(np.square(blur(x - mean)), axis=IMAGE_AXES, dtype=np.float64)
     ink = np.sum(x, axis=IMAGE_AXES, dtype=np.float64)
-    score: F64 = np.asarray(err / (ink + 1.0), dtype=np.float64)
+    score: F64 = np.sum(blurred_error(x, mean), axis=(-2, -1)) / (ink + 1.0)
     return score
 
 
-def contrast(x: F32) -> F64:
-    """`sum |x - median(x)|` per image, the median per channel: `(B, C, H, W)` -> `(B,)`.
-
-    How far an image is from its own background, whatever its polarity: the ink of a
-    white-on-black digit, and as much for the same digit black-on-white; in two colours, the ink
-    times the colours' difference summed over channels.
-    """
+def background(x: F32) -> F32:
+    """Each image's background: its median per channel, `(B, C, H, W)` -> `(B, C, 1, 1)`."""
     b, c = x.shape[:2]
-    background = np.median(x.reshape(b, c, -1), axis=-1)[:, :, None, None]  # (B, C, 1, 1)
-    total: F64 = np.sum(np.abs(x - background), axis=IMAGE_AXES, dtype=np.float64)
+    median: F32 = np.median(x.reshape(b, c, -1), axis=-1)[:, :, None, None]
+    return median
+
+
+def contrast(x: F32) -> F64:
+    """`sum |x - background(x)|` per image: `(B, C, H, W)` -> `(B,)`; blur_recon_contrast's
+    normaliser: the ink of a white-on-black digit, as much for the same digit black-on-white."""
+    total: F64 = np.sum(np.abs(x - background(x)), axis=IMAGE_AXES, dtype=np.float64)
     return total
 
 
-def anomaly_map(x: F32, mean: F32) -> F64:
-    """Per-pixel terms of `blur_recon_contrast`: `sum_c blur(x - mean)^2 / (contrast(x) + 1)`.
+def contrast_energy(x: F32) -> F64:
+    """`sum (x - background(x))^2` per image: `(B, C, H, W)` -> `(B,)`; blur_recon_energy's
+    normaliser.
 
-    `x, mean (B, C, H, W)` -> `(B, H, W)`; each map sums to the image's blur_recon_contrast.
+    It scales with the square of the stroke/background difference, as the reconstruction error
+    does, so their ratio is the same for a digit white-on-black, black-on-white or in any two
+    colours; `contrast` scales with the difference itself, so colour contrast moved its ratio.
     """
-    err = np.sum(np.square(blur(x - mean)), axis=1, dtype=np.float64)  # (B, H, W)
-    heat: F64 = err / (contrast(x) + 1.0)[:, None, None]
-    return heat
+    total: F64 = np.sum(np.square(x - background(x)), axis=IMAGE_AXES, dtype=np.float64)
+    return total
 
 
 def blur_recon_contrast(x: F32, mean: F32) -> F64:
-    """`sum(blur(x - mean)^2) / (contrast(x) + 1)` per image -> `(B,)`: the default score.
+    """`sum(blur(x - mean)^2) / (contrast(x) + 1)` per image -> `(B,)`: the default score of
+    bundles calibrated by 2.1 (independent of polarity, not of colour contrast)."""
+    score: F64 = np.sum(blurred_error(x, mean), axis=(-2, -1)) / (contrast(x) + 1.0)
+    return score
 
-    `mean` is the decoder's mean at `z = mu`. The blurred error forgives strokes shifted by a
-    pixel or two; dividing by the image's contrast against its own background (not by its ink,
-    as blur_recon_rel does) keeps the score independent of polarity, and a blank or
-    near-blank image, which has almost no contrast, gets a high score instead of the likelihood's
-    low one (Nalisnick et al. 2019). docs/BUNDLE.md and BENCHMARKS.md section 2 give the evidence.
+
+def anomaly_map(x: F32, mean: F32) -> F64:
+    """Per-pixel terms of `blur_recon_energy`: `blurred_error / (contrast_energy(x) + 1)`.
+
+    `x, mean (B, C, H, W)` -> `(B, H, W)`; each map sums to the image's blur_recon_energy.
+    """
+    heat: F64 = blurred_error(x, mean) / (contrast_energy(x) + 1.0)[:, None, None]
+    return heat
+
+
+def blur_recon_energy(x: F32, mean: F32) -> F64:
+    """`sum(blur(x - mean)^2) / (contrast_energy(x) + 1)` per image -> `(B,)`.
+
+    `mean` is the decoder's mean at `z = mu`. The blurred error over the image's own squared
+    contrast against its background: unchanged by polarity and by the colours of stroke and
+    background, and a blank or near-blank image, which has almost no contrast, gets a high score
+    instead of the likelihood's low one (Nalisnick et al. 2019). docs/BUNDLE.md and
+    BENCHMARKS.md section 2 give the evidence.
     """
     score: F64 = np.sum(anomaly_map(x, mean), axis=(-2, -1))
     return score
@@ -204,6 +229,7 @@ RECONSTRUCTION_SCORES: dict[str, ReconstructionScore] = {
     "recon_error": squared_error,
     "blur_recon_rel": blur_recon_rel,
     "blur_recon_contrast": blur_recon_contrast,
+    "blur_recon_energy": blur_recon_energy,
 }
 
 

@@ -201,7 +201,7 @@ class Runtime:
         that scores compare with its table). All share one draw of eps from `seed`, decoded once:
         `(n, B, D)`, so image i's draws depend on B; with `each_alone` one `(n, 1, D)` draw serves
         every image, and each gets what it would get alone in a request (`vae score`).
-        `anomaly_map` adds the per-pixel map of blur_recon_contrast (at the decoder's mean).
+        `anomaly_map` adds the per-pixel map of blur_recon_energy (at the decoder's mean).
         """
         b, d = len(x), self.manifest.latent_dim
         n = max(samples, k or 0, score_draws)

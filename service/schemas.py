@@ -243,7 +243,7 @@ class ElboResult(BaseModel):
     )
     anomaly_map: list[list[float]] | str | None = Field(
         default=None,
-        description="with map=array, the (H, W) per-pixel terms of blur_recon_contrast (they sum "
+        description="with map=array, the (H, W) per-pixel terms of blur_recon_energy (they sum "
         "to that score); with map=png, a base64 PNG heat map of them over the image",
     )
 
@@ -268,8 +268,8 @@ class ElboPublic(BaseModel):
     seed: int
     score: Score
     score_draws: int = Field(
-        description="samples (neg_elbo) or k (neg_iwae) behind the score; 0 for the scores "
-        "of the reconstruction (recon_error, blur_recon_rel, blur_recon_contrast)"
+        description="samples (neg_elbo) or k (neg_iwae) behind the score; 0 for the scores of "
+        "the reconstruction (recon_error, blur_recon_rel, blur_recon_contrast, blur_recon_energy)"
     )
     threshold: float | None
     threshold_source: Literal["request", "settings", "manifest"] | None

@@ -53,10 +53,14 @@ PAIRS = {
     "iwae": ["decode", "x", "mu", "logvar", "eps", "likelihood", "sigma"],
     "squared_error": ["x", "mean"],
     "blur": ["x"],
+    "blurred_error": ["x", "mean"],
     "blur_recon_rel": ["x", "mean"],
+    "background": ["x"],
     "contrast": ["x"],
-    "anomaly_map": ["x", "mean"],
+    "contrast_energy": ["x"],
     "blur_recon_contrast": ["x", "mean"],
+    "anomaly_map": ["x", "mean"],
+    "blur_recon_energy": ["x", "mean"],
 }
 
 
@@ -137,13 +141,16 @@ def _score_inputs(channels: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     "name",
     [
         "blur",
+        "blurred_error",
+        "background",
         "contrast",
+        "contrast_energy",
         "anomaly_map",
         *(f.__name__ for f in objective.RECONSTRUCTION_SCORES.values()),
     ],
 )
 def test_numpy_and_torch_agree(name: str, channels: int) -> None:
     x, mean = _score_inputs(channels, seed=channels)
-    args = (x,) if name in ("contrast", "blur") else (x, mean)
+    args = (x, mean) if PAIRS[name] == ["x", "mean"] else (x,)
     expected = getattr(model_objective, name)(*map(torch.from_numpy, args)).numpy()
     np.testing.assert_allclose(getattr(objective, name)(*args), expected, rtol=RTOL, atol=1e-7)

@@ -8,7 +8,14 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from model.calibrate import DEFAULT_CANDIDATES, OUTLIERS, calibrate, score, synthesise
+from model.calibrate import (
+    DEFAULT_CANDIDATES,
+    OUTLIERS,
+    calibrate,
+    choose,
+    score,
+    synthesise,
+)
 from service.bundle import load_bundle
 from service.metrics import Metrics
 from service.objective import value_at
@@ -40,12 +47,12 @@ def test_selection_and_false_positive_rate(tiny_bundle: Path) -> None:
         x[i, 0, 4:24, r : r + 3] = 1.0
     cal = calibrate(tiny_bundle, x, "strokes", k=4, seed=3)
     sel = cal["selection"]
-    assert (
-        cal["default_score"]
-        == sel["chosen"]
-        == max(DEFAULT_CANDIDATES, key=lambda n: sel["mean_auroc"][n])
-    )
+    assert list(sel["auroc"]) == list(DEFAULT_CANDIDATES)
+    assert cal["default_score"] == sel["chosen"] == choose(sel["auroc"])[0]
     assert sel["default_from"] == "selection" and set(sel["outliers"]) == set(OUTLIERS)
+    counted = [f for f in OUTLIERS if f not in sel["ignored_families"]]
+    for name, table in sel["auroc"].items():
+        assert sel["worst_auroc"][name] == min(table[f] for f in counted)
     # one figure recomputed independently: blur_recon_contrast, blank (constant) images
     model = Runtime(load_bundle(tiny_bundle), Metrics(), max_rows=1 << 30)
     normal = score(model, x, "blur_recon_contrast", 0, 3)
@@ -78,3 +85,39 @@ def test_a_tiny_held_out_set_still_calibrates_with_a_warning(
     assert cal["images"] == cal["false_positive_rate"]["images"] == 1
     assert cal["default_score"] in DEFAULT_CANDIDATES
     assert "calibrating on 2 held-out images" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "auroc, chosen, ignored",
+    [
+        # the best mean is at chance on one family: the next candidate, above chance on all
+        (
+            {"a": {"f": 1.0, "g": 1.0, "h": 0.55}, "b": {"f": 0.9, "g": 0.8, "h": 0.7}},
+            "b",
+            [],
+        ),
+        # a family no candidate tells apart (in-distribution for this data) is ignored
+        (
+            {"a": {"f": 1.0, "g": 0.9, "h": 0.5}, "b": {"f": 0.9, "g": 0.8, "h": 0.52}},
+            "a",
+            ["h"],
+        ),
+        # none above chance everywhere (below it is the likelihood trap, not chance): the best
+        # worst family, whatever the means
+        (
+            {"a": {"f": 1.0, "g": 1.0, "h": 0.1}, "b": {"f": 0.7, "g": 0.65, "h": 0.3}},
+            "b",
+            [],
+        ),
+        # equal: the first (the order of DEFAULT_CANDIDATES)
+        ({"a": {"f": 0.9}, "b": {"f": 0.9}}, "a", []),
+    ],
+)
+def test_choose_never_takes_a_score_at_chance_on_a_family(
+    auroc: dict[str, dict[str, float]], chosen: str, ignored: list[str]
+) -> None:
+    name, mean, worst, left_out = choose(auroc)
+    assert (name, left_out) == (chosen, ignored)
+    counted = [f for f in auroc[chosen] if f not in ignored]
+    assert worst[name] == min(auroc[name][f] for f in counted)
+    assert mean[name] == pytest.approx(np.mean([auroc[name][f] for f in counted]), abs=1e-4)

@@ -325,7 +325,7 @@ def test_bad_sample(limited: TestClient, params: dict, expected: str) -> None:
         (
             {"score": "psnr"},
             "query.score: Input should be 'neg_elbo', 'neg_iwae', 'recon_error', "
-            "'blur_recon_rel' or 'blur_recon_contrast'",
+            "'blur_recon_rel', 'blur_recon_contrast' or 'blur_recon_energy'",
         ),
         ({"map": "jpeg"}, "query.map: Input should be 'array' or 'png'"),
         ({"threshold": "nan"}, "query.threshold: Input should be a finite number"),

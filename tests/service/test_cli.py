@@ -27,8 +27,16 @@ def test_help_lists_commands(capsys: pytest.CaptureFixture[str]) -> None:
         cli.main(["--help"])
     assert info.value.code == 0
     out = capsys.readouterr().out
-    for command in ("serve", "train", "export", "evaluate"):
+    for command in ("serve", "train", "export", "evaluate", "calibrate"):
         assert command in out
+
+
+def test_calibrate_reaches_the_model_tools(capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("torch")
+    with pytest.raises(SystemExit) as info:
+        cli.main(["calibrate", "--help"])
+    assert info.value.code == 0
+    assert "its manifest.json is rewritten" in " ".join(capsys.readouterr().out.split())
 
 
 def test_serve_help_shows_defaults(capsys: pytest.CaptureFixture[str]) -> None:

@@ -128,7 +128,9 @@ def test_gaussian_bundle(gaussian_client: TestClient) -> None:
     assert np.isfinite([result["elbo"], result["iwae"], result["percentile"]]).all()
 
 
-@pytest.mark.parametrize("score", ["recon_error", "blur_recon_rel", "blur_recon_contrast"])
+@pytest.mark.parametrize(
+    "score", ["recon_error", "blur_recon_rel", "blur_recon_contrast", "blur_recon_energy"]
+)
 @pytest.mark.parametrize("which", ["client", "gaussian_client"])
 def test_reconstruction_scores(which: str, score: str, request: pytest.FixtureRequest) -> None:
     client: TestClient = request.getfixturevalue(which)
@@ -147,17 +149,17 @@ def test_reconstruction_scores(which: str, score: str, request: pytest.FixtureRe
     elif score == "blur_recon_rel":
         expected = _blur_recon_rel_by_loops(x, mean)
     else:  # the same blurred error over the contrast against the median instead of the ink
-        ink, contrast = x.sum(axis=(1, 2, 3)), np.abs(x - np.median(x, axis=(2, 3), keepdims=True))
-        expected = (
-            _blur_recon_rel_by_loops(x, mean) * (ink + 1) / (contrast.sum(axis=(1, 2, 3)) + 1)
-        )
+        ink, deviation = x.sum(axis=(1, 2, 3)), x - np.median(x, axis=(2, 3), keepdims=True)
+        power = 1 if score == "blur_recon_contrast" else 2
+        contrast = (np.abs(deviation) ** power).sum(axis=(1, 2, 3))
+        expected = _blur_recon_rel_by_loops(x, mean) * (ink + 1) / (contrast + 1)
     scores = [r["anomaly_score"] for r in _results(response)]
     np.testing.assert_allclose(scores, expected, rtol=1e-4)
 
 
 def test_anomaly_maps(client: TestClient) -> None:
     pixels = [stroke().tolist(), noise().tolist()]
-    params = {"score": "blur_recon_contrast", "map": "array"}
+    params = {"score": "blur_recon_energy", "map": "array"}
     results = _results(client.post("/elbo", params=params, json={"pixels": pixels}))
     recon = client.post("/reconstruct", params={"format": "arrays"}, json={"pixels": pixels})
     mean = np.asarray(recon.json()["arrays"], dtype=np.float32)

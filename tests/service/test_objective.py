@@ -136,37 +136,48 @@ def test_blur_recon_rel_by_hand_and_against_torch() -> None:
     )
 
 
-def test_blur_recon_contrast_by_hand() -> None:
-    # one unit pixel on a black 9x9 image: the median is 0, the contrast 1, the blurred error
-    # (70/256)^2 as for blur_recon_rel; on a white image with one black pixel, the same
+@pytest.mark.parametrize("name", ["blur_recon_contrast", "blur_recon_energy"])
+def test_contrast_scores_by_hand(name: str) -> None:
+    # one unit pixel on a black 9x9 image: the median is 0, the contrast (and its square) 1, the
+    # blurred error (70/256)^2 as for blur_recon_rel; on a white image with one black pixel, too
     x = np.zeros((2, 1, 9, 9), dtype=np.float32)
     x[0, 0, 4, 4] = 1.0
     x[1] = 1.0 - x[0]
     mean = x.copy()
     mean[:, 0, 4, 4] = 1.0 - mean[:, 0, 4, 4]  # reconstructions that miss that pixel
     expected = (70 / 256) ** 2 / 2
-    np.testing.assert_allclose(objective.blur_recon_contrast(x, mean), [expected] * 2, rtol=1e-6)
+    np.testing.assert_allclose(getattr(objective, name)(x, mean), [expected] * 2, rtol=1e-6)
+
+
+def test_anomaly_map_holds_the_terms_of_blur_recon_energy() -> None:
+    rng = np.random.default_rng(6)
+    x = rng.random((2, 3, 9, 7), dtype=np.float32)
+    mean = x.copy()
+    mean[:, :, 4, 3] += 0.5  # an error at one pixel
     heat = objective.anomaly_map(x, mean)
-    assert heat.shape == (2, 9, 9)
-    np.testing.assert_allclose(heat.sum(axis=(1, 2)), [expected] * 2, rtol=1e-6)
-    assert np.unravel_index(np.argmax(heat[0]), (9, 9)) == (4, 4)
+    assert heat.shape == (2, 9, 7)
+    np.testing.assert_allclose(heat.sum(axis=(1, 2)), objective.blur_recon_energy(x, mean))
+    assert np.unravel_index(np.argmax(heat[0]), (9, 7)) == (4, 3)
 
 
 @pytest.mark.parametrize("channels", [1, 3])
-def test_blur_recon_contrast_ignores_polarity_scales_with_colours(
-    channels: int,
-) -> None:
+def test_blur_recon_energy_ignores_polarity_and_colours(channels: int) -> None:
     rng = np.random.default_rng(5)
     ink = (rng.random((3, 1, 16, 16)) < 0.2).astype(np.float32)
     mean = np.clip(ink + 0.1 * rng.standard_normal(ink.shape), 0, 1).astype(np.float32)
-    plain = objective.blur_recon_contrast(ink, mean)
-    # the same images and reconstructions inverted, or in two colours 0.8 apart per channel
-    np.testing.assert_allclose(objective.blur_recon_contrast(1 - ink, 1 - mean), plain, rtol=1e-5)
-    bg = np.full((1, channels, 1, 1), 0.1, np.float32)
-    coloured = objective.blur_recon_contrast(bg + 0.8 * ink, bg + 0.8 * mean)
-    # error scales with 0.8^2 per channel, contrast with 0.8 per channel
-    contrast_plain = objective.contrast(ink)
-    expected = (
-        plain * (contrast_plain + 1) * 0.64 * channels / (0.8 * channels * contrast_plain + 1)
-    )
-    np.testing.assert_allclose(coloured, expected, rtol=1e-5)
+    plain = objective.blur_recon_energy(ink, mean)
+    np.testing.assert_allclose(objective.blur_recon_energy(1 - ink, 1 - mean), plain, rtol=1e-5)
+    # in two colours (background bg, stroke bg + delta): error and squared contrast both scale
+    # with |delta|^2, so only the +1 of the denominator moves the score
+    bg = np.array([0.1, 0.7, 0.3][:channels], np.float32)[None, :, None, None]
+    delta = np.array([0.8, -0.6, 0.2][:channels], np.float32)[None, :, None, None]
+    coloured = objective.blur_recon_energy(bg + delta * ink, bg + delta * mean)
+    energy = objective.contrast_energy(ink)
+    scale = float(np.square(delta).sum())
+    np.testing.assert_allclose(coloured, plain * (energy + 1) * scale / (scale * energy + 1))
+    # blur_recon_contrast's L1 normaliser scales with sum |delta| instead: not invariant
+    l1 = objective.blur_recon_contrast(bg + delta * ink, bg + delta * mean)
+    contrast = objective.contrast(ink)
+    l1_scale = float(np.abs(delta).sum())
+    expected = objective.blur_recon_contrast(ink, mean) * (contrast + 1) * scale
+    np.testing.assert_allclose(l1, expected / (l1_scale * contrast + 1), rtol=1e-5)
