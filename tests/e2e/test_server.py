@@ -198,7 +198,7 @@ def test_the_shipped_default_calls_blank_and_inverted_images_anomalous(
     response = server.post("/elbo", files=uploads, params={"map": "array"})
     assert response.status_code == 200, response.text
     body = response.json()
-    assert body["score"] == "blur_recon_contrast"
+    assert body["score"] == "blur_recon_energy"
     *odd, digit = body["results"]
     assert [r["is_anomaly"] for r in odd] == [True] * 4 and digit["is_anomaly"] is False
     assert min(r["anomaly_score"] for r in odd) > 2 * body["threshold"]

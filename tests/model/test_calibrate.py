@@ -109,8 +109,10 @@ def test_a_tiny_held_out_set_still_calibrates_with_a_warning(
             "b",
             [],
         ),
-        # equal: the first (the order of DEFAULT_CANDIDATES)
+        # equal, or within TIE: the first (the order of DEFAULT_CANDIDATES)
         ({"a": {"f": 0.9}, "b": {"f": 0.9}}, "a", []),
+        ({"a": {"f": 0.9}, "b": {"f": 0.9009}}, "a", []),
+        ({"a": {"f": 0.9}, "b": {"f": 0.902}}, "b", []),
     ],
 )
 def test_choose_never_takes_a_score_at_chance_on_a_family(
