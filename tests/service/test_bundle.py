@@ -215,3 +215,19 @@ def test_a_bundle_from_before_the_selection_keeps_its_default(
         assert client.get("/model").json()["calibration"]["false_positive_rate"] is None
         response = client.post("/elbo", json={"pixels": [[[0.5] * 28] * 28]})
         assert response.status_code == 200 and response.json()["score"] == "recon_error"
+
+
+def test_a_bundle_calibrated_by_2_1_keeps_blur_recon_contrast(
+    tiny_bundle: Path, tmp_path: Path
+) -> None:
+    """2.1 bundles: blur_recon_contrast the default, no blur_recon_energy table, no worst_auroc."""
+    calibration = json.loads((tiny_bundle / "manifest.json").read_text())["calibration"]
+    del calibration["scores"]["blur_recon_energy"], calibration["selection"]["worst_auroc"]
+    calibration["default_score"] = "blur_recon_contrast"
+    bundle = rewrite_manifest(tiny_bundle, tmp_path / "2.1", calibration=calibration)
+    pixels = {"pixels": [[[0.5] * 28] * 28]}
+    with TestClient(create_app(Settings(bundle=bundle))) as client:
+        body = client.post("/elbo", json=pixels).json()
+        assert (body["score"], body["threshold_source"]) == ("blur_recon_contrast", "manifest")
+        energy = client.post("/elbo", params={"score": "blur_recon_energy"}, json=pixels).json()
+        assert (energy["threshold"], energy["results"][0]["percentile"]) == (None, None)
