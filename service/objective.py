@@ -207,7 +207,7 @@ def blur_recon_energy(x: F32, mean: F32) -> F64:
     instead of the likelihood's low one (Nalisnick et al. 2019). docs/BUNDLE.md and
     BENCHMARKS.md section 2 give the evidence.
     """
-    score: F64 = np.sum(anomaly_map(x, mean), axis=(-2, -1))
+    score: F64 = np.sum(blurred_error(x, mean), axis=(-2, -1)) / (contrast_energy(x) + 1.0)
     return score
 
 
