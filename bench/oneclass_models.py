@@ -88,7 +88,7 @@ def current(manifest: Path) -> bool:
     if not manifest.is_file():
         return False
     calibration = json.loads(manifest.read_text()).get("calibration") or {}
-    return "worst_auroc" in calibration.get("selection", {})
+    return "missed" in calibration.get("selection", {})
 
 
 def train_and_export(

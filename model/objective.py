@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 LOG_2PI = math.log(2 * math.pi)
+ENERGY_FLOOR = 0.1  # blur_recon_energy's floor (service/objective.py says why)
 
 Decode = Callable[[torch.Tensor], torch.Tensor]
 
@@ -199,10 +200,10 @@ def blur_recon_contrast(x: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
 
 def anomaly_map(x: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
     """Per-pixel terms of blur_recon_energy, `(B, C, H, W)` -> `(B, H, W)`."""
-    return blurred_error(x, mean) / (contrast_energy(x) + 1.0)[:, None, None]
+    return blurred_error(x, mean) / (contrast_energy(x) + ENERGY_FLOOR)[:, None, None]
 
 
 def blur_recon_energy(x: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
-    """`sum(blur(x - mean)^2) / (contrast_energy(x) + 1)` per image: the blurred error over the
+    """`sum(blur(x - mean)^2) / (contrast_energy(x) + 0.1)` per image: the blurred error over the
     image's squared contrast (service/objective.py says why)."""
-    return blurred_error(x, mean).flatten(1).sum(1) / (contrast_energy(x) + 1.0)
+    return blurred_error(x, mean).flatten(1).sum(1) / (contrast_energy(x) + ENERGY_FLOOR)

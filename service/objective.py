@@ -23,6 +23,10 @@ LOG_2PI = math.log(2.0 * math.pi)
 IMAGE_AXES = (-3, -2, -1)  # (C, H, W)
 # 1D binomial filter; its outer product with itself is the 5x5 blur of blur_recon_rel
 BINOMIAL_5 = np.array([1.0, 4.0, 6.0, 4.0, 1.0], dtype=np.float32) / np.float32(16.0)
+# blur_recon_energy's denominator is contrast_energy(x) + ENERGY_FLOOR: the floor keeps a blank
+# image's score finite; at 1 (one full-contrast pixel) a colour model that reconstructs a blank
+# image closely scored it like a normal one (BENCHMARKS.md section 2)
+ENERGY_FLOOR = 0.1
 
 
 class ElboTerms(NamedTuple):
@@ -190,16 +194,16 @@ def blur_recon_contrast(x: F32, mean: F32) -> F64:
 
 
 def anomaly_map(x: F32, mean: F32) -> F64:
-    """Per-pixel terms of `blur_recon_energy`: `blurred_error / (contrast_energy(x) + 1)`.
+    """Per-pixel terms of `blur_recon_energy`: `blurred_error / (contrast_energy(x) + 0.1)`.
 
     `x, mean (B, C, H, W)` -> `(B, H, W)`; each map sums to the image's blur_recon_energy.
     """
-    heat: F64 = blurred_error(x, mean) / (contrast_energy(x) + 1.0)[:, None, None]
+    heat: F64 = blurred_error(x, mean) / (contrast_energy(x) + ENERGY_FLOOR)[:, None, None]
     return heat
 
 
 def blur_recon_energy(x: F32, mean: F32) -> F64:
-    """`sum(blur(x - mean)^2) / (contrast_energy(x) + 1)` per image -> `(B,)`.
+    """`sum(blur(x - mean)^2) / (contrast_energy(x) + 0.1)` per image -> `(B,)`.
 
     `mean` is the decoder's mean at `z = mu`. The blurred error over the image's own squared
     contrast against its background: unchanged by polarity and by the colours of stroke and
@@ -207,7 +211,8 @@ def blur_recon_energy(x: F32, mean: F32) -> F64:
     instead of the likelihood's low one (Nalisnick et al. 2019). docs/BUNDLE.md and
     BENCHMARKS.md section 2 give the evidence.
     """
-    score: F64 = np.sum(blurred_error(x, mean), axis=(-2, -1)) / (contrast_energy(x) + 1.0)
+    energy = contrast_energy(x) + ENERGY_FLOOR
+    score: F64 = np.sum(blurred_error(x, mean), axis=(-2, -1)) / energy
     return score
 
 

@@ -220,9 +220,9 @@ def test_a_bundle_from_before_the_selection_keeps_its_default(
 def test_a_bundle_calibrated_by_2_1_keeps_blur_recon_contrast(
     tiny_bundle: Path, tmp_path: Path
 ) -> None:
-    """2.1 bundles: blur_recon_contrast the default, no blur_recon_energy table, no worst_auroc."""
+    """2.1 bundles: blur_recon_contrast the default, no blur_recon_energy table, no `missed`."""
     calibration = json.loads((tiny_bundle / "manifest.json").read_text())["calibration"]
-    del calibration["scores"]["blur_recon_energy"], calibration["selection"]["worst_auroc"]
+    del calibration["scores"]["blur_recon_energy"], calibration["selection"]["missed"]
     calibration["default_score"] = "blur_recon_contrast"
     bundle = rewrite_manifest(tiny_bundle, tmp_path / "2.1", calibration=calibration)
     pixels = {"pixels": [[[0.5] * 28] * 28]}
