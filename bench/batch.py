@@ -41,9 +41,9 @@ from bench.serving import free_port, wait_ready
 from service.batch import BATCH_SIZE, load_image
 from service.bundle import load_bundle
 from service.metrics import Metrics
-from service.routes.elbo import Verdict
 from service.runtime import Runtime, available_cpus
 from service.settings import Settings
+from service.verdict import Verdict
 
 _runtime: Runtime | None = None
 DEFAULT_BUNDLE = Settings.model_fields["bundle"].default  # the server's default bundle

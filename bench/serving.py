@@ -282,8 +282,8 @@ def in_process(bundle: Path, seconds: float = 1.0) -> dict[str, float]:
     """
     from service.bundle import load_bundle
     from service.metrics import Metrics
-    from service.routes.elbo import score_draws
     from service.runtime import Runtime
+    from service.verdict import score_draws
 
     b = load_bundle(bundle, device="cpu", threads=1)
     b.warm_up()

@@ -36,15 +36,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
-from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
 from service.bundle import Bundle, BundleError, ScoreName, load_bundle
 from service.imaging import ImageError, decode_image, fit_array, read_npy
 from service.metrics import Metrics
-from service.routes.elbo import ThresholdSource, Verdict, score_draws, threshold_for
 from service.runtime import F32, Runtime, available_cpus
 from service.settings import Device, Settings
+from service.verdict import ThresholdSource, Verdict, score_draws, threshold_for
 
 log = logging.getLogger("service.batch")
 
@@ -411,8 +410,8 @@ def resolve_options(args: argparse.Namespace, bundle: Bundle, settings: Settings
     score: ScoreName = args.score or bundle.manifest.default_score
     try:
         draws = score_draws(runtime, score, args.samples, args.k)
-    except RequestValidationError as exc:
-        raise SourceError(f"--score {score}: {exc.errors()[0]['msg']}") from None
+    except ValueError as exc:
+        raise SourceError(f"--score {score}: {exc}") from None
     threshold, source = threshold_for(runtime, settings, score, args.threshold)
     return Options(
         bundle=args.bundle.resolve(),

@@ -20,17 +20,6 @@ IMAGE_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-def heat_png(x: F32, heat: F32) -> str:
-    """Base64 PNG of an image `(C, H, W)` in grey with its anomaly map `(H, W)` over it: black to
-    red to yellow to white, relative to the map's own maximum, opaque where the map is high."""
-    t = heat / max(float(heat.max()), 1e-12)
-    hot = np.stack([np.clip(3 * t, 0, 1), np.clip(3 * t - 1, 0, 1), np.clip(3 * t - 2, 0, 1)])
-    grey = np.broadcast_to(x.mean(axis=0) * 0.6, hot.shape)
-    alpha = np.sqrt(t)
-    overlay = (grey * (1 - alpha) + hot * alpha).astype(np.float32)
-    return base64.b64encode(to_png(overlay)).decode("ascii")
-
-
 FORMAT_QUERY = Query(
     alias="format",
     description="base64: PNG per image in JSON (default); arrays: raw mean/probabilities; "
