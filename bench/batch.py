@@ -20,7 +20,6 @@ as POST /elbo scores it alone with seed 0, interleaved round by round (medians r
 from __future__ import annotations
 
 import argparse
-import asyncio
 import gzip
 import json
 import os
@@ -34,18 +33,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 from PIL import Image
 
 from bench.common import REPO, machine, now, require_mnist
 from bench.serving import free_port, wait_ready
-from service.batch import BATCH_SIZE, load_image
+from service.batch import BATCH_SIZE, ROWS, Scorer, build_parser, resolve_options
 from service.bundle import load_bundle
-from service.metrics import Metrics
-from service.runtime import Runtime, available_cpus
+from service.runtime import available_cpus
 from service.settings import Settings
-from service.verdict import Verdict
 
-_runtime: Runtime | None = None
+_scorer: Scorer | None = None
 DEFAULT_BUNDLE = Settings.model_fields["bundle"].default  # the server's default bundle
 
 
@@ -63,31 +61,20 @@ def write_pngs(directory: Path, n: int) -> list[Path]:
 
 
 def _start(bundle: str) -> None:
-    global _runtime
-    loaded = load_bundle(Path(bundle), device="cpu", threads=1)
-    loaded.warm_up()
-    _runtime = Runtime(loaded, Metrics(), max_rows=BATCH_SIZE)
+    global _scorer
+    args = build_parser().parse_args([".", "--bundle", bundle, "--out", "."])
+    loaded = load_bundle(args.bundle, device="cpu", threads=1)
+    _scorer = Scorer(resolve_options(args, loaded, Settings(bundle=args.bundle)))
 
 
 def _score(blobs: list[bytes]) -> int:
-    """What a Scorer does with its batches, without Ray: decode, evaluate, verdict rows."""
-    assert _runtime is not None
-    manifest = _runtime.manifest
-    verdict = Verdict(0, "neg_elbo", 1, None, None, manifest.score_table("neg_elbo"))
+    """What the actors do, without Ray: a Scorer on batches of BATCH_SIZE files' bytes."""
+    assert _scorer is not None
     rows = 0
     for i in range(0, len(blobs), BATCH_SIZE):
-        x = np.stack(
-            [
-                load_image(b, manifest.input_shape, max_pixels=1 << 24, strict=False)
-                for b in blobs[i : i + BATCH_SIZE]
-            ]
-        )
-        result = asyncio.run(
-            _runtime.evaluate(
-                x, samples=1, k=None, score="neg_elbo", score_draws=1, seed=0, each_alone=True
-            )
-        )
-        rows += len(verdict.rows(result, 1, None))
+        chunk = blobs[i : i + BATCH_SIZE]
+        keys = [str(j) for j in range(i, i + len(chunk))]
+        rows += _scorer(pa.table([keys, chunk, [None] * len(chunk)], schema=ROWS)).num_rows
     return rows
 
 
@@ -100,7 +87,6 @@ def in_process(pool: ProcessPoolExecutor, blobs: list[bytes], workers: int) -> f
 
 
 def write_parquet(path: Path, files: list[Path]) -> Path:
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
     table = pa.table({"key": [str(f) for f in files], "image": [f.read_bytes() for f in files]})

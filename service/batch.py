@@ -38,7 +38,7 @@ import pyarrow.parquet as pq
 import ray
 from pydantic import ValidationError
 
-from service.bundle import Bundle, BundleError, ScoreName, load_bundle
+from service.bundle import Bundle, BundleError, Manifest, ScoreName, load_bundle
 from service.imaging import ImageError, decode_image, fit_array, read_npy
 from service.metrics import Metrics
 from service.runtime import F32, Runtime, available_cpus
@@ -61,7 +61,6 @@ RESULT_FIELDS = [
     ("percentile", pa.float64()),
     ("is_anomaly", pa.bool_()),
 ]
-MU_FIELD = ("mu", pa.list_(pa.float32()))
 # CPU slots a reader task reserves. Reading is mostly waiting on storage, and the readers share
 # the one slot the scorers leave free (see `connect`), so four of them run at once.
 READ_CPUS = 0.25
@@ -93,6 +92,7 @@ class Options:
     max_pixels: int
     strict_size: bool
     mu: bool
+    anomaly_map: bool  # each image's (H, W) map, as POST /elbo?map=array gives it
 
 
 # ---- sources --------------------------------------------------------------------------------
@@ -271,7 +271,10 @@ def read_source(
     parts = []
     if readable:
         paths = [str(source)] if plain and not broken else readable
-        raw = ray.data.read_binary_files(paths, include_paths=True, num_cpus=READ_CPUS)
+        _x = {} if os.environ.get("R19_FUSE") else {"num_cpus": READ_CPUS}
+        if os.environ.get("R19_BLOCKS"):
+            _x["override_num_blocks"] = int(os.environ["R19_BLOCKS"])
+        raw = ray.data.read_binary_files(paths, include_paths=True, **_x)  # type: ignore[arg-type]
         if fmt == "idx":  # one file at a time: each expands into its images
             rows = raw.map_batches(
                 _idx_rows, batch_size=1, batch_format="pyarrow", num_cpus=READ_CPUS
@@ -313,7 +316,7 @@ def load_image(
 
 
 class Scorer:
-    """One actor: the bundle loaded once, then batches of ROWS -> result rows (RESULT_FIELDS)."""
+    """One actor: the bundle loaded once, then batches of ROWS -> result rows (`schema`)."""
 
     def __init__(self, options: Options) -> None:
         self.options = options
@@ -328,60 +331,63 @@ class Scorer:
             options.threshold,
             options.threshold_source,
             bundle.manifest.score_table(options.score),
-            heat=None,  # anomaly maps are not written to the table (yet)
+            heat=None,  # the map goes into its own column as an array, not into the rows
         )
-        fields = RESULT_FIELDS + ([MU_FIELD] if options.mu else [])
-        self.schema = pa.schema([("key", pa.string()), *fields, ("error", pa.string())])
+        self.schema = result_schema(bundle.manifest, mu=options.mu, anomaly_map=options.anomaly_map)
+        self.fields = pa.schema(list(self.schema)[1:-1])  # those scoring fills in
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        keys = batch["key"].to_pylist()
         errors: list[str | None] = batch["error"].to_pylist()
         images: dict[int, F32] = {}
-        shape = self.runtime.manifest.input_shape
+        manifest = self.runtime.manifest
         for i, data in enumerate(batch["data"].to_pylist()):
             if errors[i] is not None:
                 continue
             try:
                 images[i] = load_image(
                     data,
-                    shape,
+                    manifest.input_shape,
                     max_pixels=self.options.max_pixels,
                     strict=self.options.strict_size,
-                    background=self.runtime.manifest.image.background,
+                    background=manifest.image.background,
                 )
             except ImageError as exc:
                 errors[i] = f"input {exc}"
             except Exception as exc:  # a decoder bug must not end the job: the row says what
                 errors[i] = f"input could not be decoded ({type(exc).__name__}: {exc})"
-        results: dict[int, dict[str, Any]] = {}
-        if images:
-            results, failed = self._score(list(images), np.stack(list(images.values())))
-            errors = [failed.get(i, error) for i, error in enumerate(errors)]
-        columns: dict[str, list[Any]] = {"key": keys, "error": errors}
-        for name in self.schema.names:
-            if name not in columns:
-                columns[name] = [results.get(i, {}).get(name) for i in range(len(keys))]
-        return pa.table(columns, schema=self.schema)
+        x = np.zeros((len(images), *manifest.input_shape), np.float32)  # (B, C, H, W)
+        for row, image in enumerate(images.values()):
+            x[row] = image
+        scored, done, failed = self._score(list(images), x)
+        errors = [failed.get(i, error) for i, error in enumerate(errors)]
+        # each input's row in `scored`; null (every field null) where it failed
+        where = dict(zip(done, range(len(done)), strict=True))
+        rows = scored.take(pa.array([where.get(i) for i in range(len(errors))], pa.int64()))
+        columns = [batch["key"], *rows.columns, pa.array(errors, pa.string())]
+        return pa.Table.from_arrays(columns, schema=self.schema)
 
-    def _score(self, index: list[int], x: F32) -> tuple[dict[int, dict[str, Any]], dict[int, str]]:
-        """Result rows by input position; an image the model cannot score (its decoder output
-        not finite) is retried alone, so it fails by itself and the rest of its batch goes on."""
+    def _score(self, index: list[int], x: F32) -> tuple[pa.Table, list[int], dict[int, str]]:
+        """The result fields of the images at input positions `index`, the positions scored and
+        why the others failed: an image the model cannot score (its decoder output not finite)
+        is retried alone, so it fails by itself and the rest of its batch goes on."""
         try:
-            rows = self._evaluate(x)
+            return self._evaluate(x), index, {}
         except ValueError as exc:
             if len(index) == 1:
-                return {}, {index[0]: f"scoring failed: {exc}"}
-            results: dict[int, dict[str, Any]] = {}
-            failed: dict[int, str] = {}
-            for i, image in zip(index, x, strict=True):
-                one, bad = self._score([i], image[None])
-                results |= one
-                failed |= bad
-            return results, failed
-        return dict(zip(index, rows, strict=True)), {}
+                return self._evaluate(x[:0]), [], {index[0]: f"scoring failed: {exc}"}
+        parts = [self._score([i], image[None]) for i, image in zip(index, x, strict=True)]
+        scored = pa.concat_tables([table for table, _, _ in parts])
+        return (
+            scored,
+            [i for _, done, _ in parts for i in done],
+            {i: error for _, _, failed in parts for i, error in failed.items()},
+        )
 
-    def _evaluate(self, x: F32) -> list[dict[str, Any]]:
-        o = self.options
+    def _evaluate(self, x: F32) -> pa.Table:
+        """The result fields of images `x (B, C, H, W)`, as POST /elbo computes them for each."""
+        o, fields = self.options, self.fields
+        if len(x) == 0:
+            return fields.empty_table()
         result = asyncio.run(
             self.runtime.evaluate(
                 x,
@@ -390,14 +396,40 @@ class Scorer:
                 score=o.score,
                 score_draws=o.score_draws,
                 seed=o.seed,
+                anomaly_map=o.anomaly_map,
                 each_alone=True,
             )
         )
-        rows = self.verdict.rows(x, result, o.samples, o.k)
-        if o.mu:
-            for row, mu in zip(rows, result.mu, strict=True):
-                row["mu"] = mu.tolist()
-        return rows
+        columns = self.verdict.columns(x, result, o.samples, o.k)
+        columns["mu"] = result.mu
+        columns["anomaly_map"] = result.anomaly_map
+        arrays = [
+            fixed_size_lists(columns[f.name], f.type)
+            if pa.types.is_fixed_size_list(f.type)
+            else pa.array(columns[f.name], f.type)
+            for f in fields
+        ]
+        return pa.Table.from_arrays(arrays, schema=fields)
+
+
+def result_schema(manifest: Manifest, *, mu: bool, anomaly_map: bool) -> pa.Schema:
+    """The output table's columns: key, POST /elbo's fields (+ mu, + the anomaly map), error."""
+    _, h, w = manifest.input_shape
+    fields = [("key", pa.string()), *RESULT_FIELDS]
+    if mu:
+        fields.append(("mu", pa.list_(pa.float32(), manifest.latent_dim)))
+    if anomaly_map:  # (H, W) per image, nested as POST /elbo?map=array nests it
+        fields.append(("anomaly_map", pa.list_(pa.list_(pa.float32(), w), h)))
+    return pa.schema([*fields, ("error", pa.string())])
+
+
+def fixed_size_lists(values: np.ndarray[Any, Any], kind: pa.DataType) -> pa.Array:
+    """A numpy array `(B, *shape)` as an Arrow array of `kind` (fixed-size lists, nested as
+    `shape`), without going through Python lists."""
+    if pa.types.is_fixed_size_list(kind):
+        inner = fixed_size_lists(values.reshape(-1, *values.shape[2:]), kind.value_type)
+        return pa.FixedSizeListArray.from_arrays(inner, kind.list_size)
+    return pa.array(values.reshape(-1).astype(kind.to_pandas_dtype()), kind)
 
 
 # ---- the run --------------------------------------------------------------------------------
@@ -413,6 +445,12 @@ def resolve_options(args: argparse.Namespace, bundle: Bundle, settings: Settings
     except ValueError as exc:
         raise SourceError(f"--score {score}: {exc}") from None
     threshold, source = threshold_for(runtime, settings, score, args.threshold)
+    _, h, w = bundle.manifest.input_shape
+    if args.map and h * w > settings.max_map_pixels:  # POST /elbo?map would refuse every image
+        raise SourceError(
+            f"--map: each image's map has {h}x{w} = {h * w} pixels, over the limit of "
+            f"{settings.max_map_pixels} (VAE_MAX_MAP_PIXELS)"
+        )
     return Options(
         bundle=args.bundle.resolve(),
         device=args.device,
@@ -426,6 +464,7 @@ def resolve_options(args: argparse.Namespace, bundle: Bundle, settings: Settings
         max_pixels=settings.max_pixels,
         strict_size=settings.strict_size,
         mu=args.mu,
+        anomaly_map=args.map,
     )
 
 
@@ -514,6 +553,7 @@ def score(args: argparse.Namespace) -> Report:
         )
         scored.write_parquet(str(out / "scores"))
         job = time.perf_counter() - job
+        log.debug("Ray Data's stats of the job:\n%s", scored.stats())
     finally:
         if started_here:
             ray.shutdown()
@@ -586,6 +626,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--threshold", type=float, help="anomaly threshold on the score")
     parser.add_argument("--mu", action="store_true", help="also write mu, the latent mean")
+    parser.add_argument(
+        "--map",
+        action="store_true",
+        help="also write each image's (H, W) anomaly map, as POST /elbo?map=array returns it",
+    )
     parser.add_argument(
         "--address", help="Ray cluster to run on (default: $RAY_ADDRESS, else Ray started here)"
     )

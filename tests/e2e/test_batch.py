@@ -130,7 +130,9 @@ def folder_run(
 ) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     with pytest.MonkeyPatch.context() as monkeypatch:
         out = tmp_path_factory.mktemp("scored") / "out"
-        report, rows = score(folder, out, "--mu", bundle=default_bundle, monkeypatch=monkeypatch)
+        report, rows = score(
+            folder, out, "--mu", "--map", bundle=default_bundle, monkeypatch=monkeypatch
+        )
     return report, {str(Path(key).relative_to(folder)): row for key, row in rows.items()}
 
 
@@ -150,6 +152,8 @@ def test_every_file_is_a_row_and_broken_ones_say_why(
     good = [row for key, row in rows.items() if key not in BROKEN]
     assert all(row["error"] is None and np.isfinite(row["elbo"]) for row in good)
     assert all(len(row["mu"]) == manifest["latent_dim"] for row in good)
+    assert all(np.shape(row["anomaly_map"]) == (28, 28) for row in good)
+    assert all(rows[key]["anomaly_map"] is None for key in BROKEN)
 
 
 @pytest.fixture(scope="module")
@@ -166,7 +170,7 @@ def test_scores_equal_the_servers_for_each_image_alone(
     report, rows = folder_run
     good = sorted(key for key in rows if key not in BROKEN)
     for key in good:
-        data, params = (folder / key).read_bytes(), {"seed": SEED}
+        data, params = (folder / key).read_bytes(), {"seed": SEED, "map": "array"}
         if key.endswith(".npy"):  # as the server takes arrays: the body itself
             headers = {"Content-Type": "application/x-npy"}
             response = server.post("/elbo", params=params, content=data, headers=headers)
@@ -182,6 +186,9 @@ def test_scores_equal_the_servers_for_each_image_alone(
             [row[f] for f in FIELDS], [expected[f] for f in FIELDS], rtol=1e-5, err_msg=key
         )
         assert row["is_anomaly"] == expected["is_anomaly"], key
+        np.testing.assert_allclose(
+            row["anomaly_map"], expected["anomaly_map"], rtol=1e-5, atol=1e-7, err_msg=key
+        )
     mu = server.post("/encode", files={"images": ("a.png", (folder / good[0]).read_bytes())})
     expected_mu = mu.json()["results"][0]["mu"]
     np.testing.assert_allclose(rows[good[0]]["mu"], expected_mu, rtol=1e-5, atol=1e-6)

@@ -9,6 +9,7 @@ import gzip
 import io
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -150,22 +151,27 @@ def test_file_problems(tmp_path: Path) -> None:
     )
 
 
+def scorer_options(bundle: Path, **changes: Any) -> batch.Options:
+    """vae score's defaults for `bundle` (seed 0, the calibration's score), with `changes`."""
+    argv = [".", "--bundle", str(bundle), "--out", "."]
+    args = batch.build_parser().parse_args(argv)
+    vars(args).update(changes)
+    loaded = load_bundle(bundle, device="cpu")
+    return batch.resolve_options(args, loaded, Settings(bundle=bundle))
+
+
 def test_scorer_turns_bad_rows_into_errors_and_keeps_order(
     bundle: Path, images: np.ndarray
 ) -> None:
-    import argparse
-
-    args = argparse.Namespace(
-        bundle=bundle, device="cpu", score=None, samples=1, k=None, seed=0, threshold=None, mu=True
-    )
-    loaded = load_bundle(bundle, device="cpu")
-    scorer = batch.Scorer(batch.resolve_options(args, loaded, Settings(bundle=bundle)))
+    scorer = batch.Scorer(scorer_options(bundle, mu=True, map=True))
     rows = batch._rows(
         ["good0", "empty", "listed", "good1"],
         [png(images[0]), b"", b"", png(images[1])],
         [None, None, "file is not a regular file", None],
     )
-    out = scorer(rows).to_pylist()
+    table = scorer(rows)
+    assert table.schema == scorer.schema
+    out = table.to_pylist()
     assert [row["key"] for row in out] == ["good0", "empty", "listed", "good1"]
     assert [row["error"] for row in out] == [
         None,
@@ -173,8 +179,79 @@ def test_scorer_turns_bad_rows_into_errors_and_keeps_order(
         "file is not a regular file",
         None,
     ]
-    assert out[1]["elbo"] is None and out[2]["mu"] is None
+    assert out[1]["elbo"] is None and out[2]["mu"] is None and out[1]["anomaly_map"] is None
     assert np.isfinite(out[0]["elbo"]) and len(out[3]["mu"]) == scorer.runtime.manifest.latent_dim
+
+
+def test_scorer_writes_each_images_map_and_mu_as_evaluate_gives_them_alone(
+    bundle: Path, images: np.ndarray
+) -> None:
+    scorer = batch.Scorer(scorer_options(bundle, mu=True, map=True, seed=5))
+    table = scorer(
+        batch._rows([str(i) for i in range(4)], [png(im) for im in images[:4]], [None] * 4)
+    )
+    maps = table["anomaly_map"].to_pylist()
+    runtime = Runtime(load_bundle(bundle, device="cpu"), Metrics(), max_rows=1024)
+    o = scorer.options
+    for i, image in enumerate(images[:4]):
+        x = image[None, None].astype(np.float32) / np.float32(255.0)
+        alone = asyncio.run(
+            runtime.evaluate(
+                x,
+                samples=1,
+                k=None,
+                score=o.score,
+                score_draws=o.score_draws,
+                seed=5,
+                anomaly_map=True,
+            )
+        )
+        assert alone.anomaly_map is not None
+        assert np.asarray(maps[i]).shape == (28, 28)
+        np.testing.assert_allclose(maps[i], alone.anomaly_map[0], rtol=1e-6, atol=1e-9)
+        np.testing.assert_allclose(table["mu"][i].as_py(), alone.mu[0], rtol=1e-5, atol=1e-6)
+        assert table["anomaly_score"][i].as_py() == pytest.approx(alone.score[0], rel=1e-6)
+    assert table.schema.field("anomaly_map").type == pa.list_(pa.list_(pa.float32(), 28), 28)
+
+
+def test_an_image_the_model_cannot_score_fails_alone(
+    bundle: Path, images: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    scorer = batch.Scorer(scorer_options(bundle, map=True))
+    evaluate = scorer._evaluate
+
+    def fussy(x: np.ndarray) -> pa.Table:  # as Runtime.evaluate fails on a non-finite decoder
+        if (x == 1.0).all(axis=(1, 2, 3)).any():
+            raise ValueError("the decoder output is not finite for rows [0]")
+        return evaluate(x)
+
+    monkeypatch.setattr(scorer, "_evaluate", fussy)
+    white = np.full((28, 28), 255, np.uint8)
+    blobs = [png(images[0]), png(white), b"", png(images[1])]
+    out = scorer(batch._rows(["a", "white", "empty", "b"], blobs, [None] * 4)).to_pylist()
+    assert [row["error"] for row in out] == [
+        None,
+        "scoring failed: the decoder output is not finite for rows [0]",
+        "input is empty (0 bytes)",
+        None,
+    ]
+    alone = scorer(batch._rows(["a", "b"], [blobs[0], blobs[3]], [None] * 2)).to_pylist()
+    assert [out[0], out[3]] == alone
+
+
+def test_map_over_the_servers_map_budget_is_refused(
+    bundle: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("VAE_MAX_MAP_PIXELS", "783")
+    with pytest.raises(
+        batch.SourceError,
+        match=(
+            r"^--map: each image's map has 28x28 = 784 pixels, over the limit of 783 "
+            r"\(VAE_MAX_MAP_PIXELS\)$"
+        ),
+    ):
+        scorer_options(bundle, map=True)
+    assert not scorer_options(bundle, map=False).anomaly_map
 
 
 def test_cli_refuses_a_used_out_directory_before_starting_ray(
