@@ -2,10 +2,12 @@
 #   runtime (the default: last stage)  CPU server: onnxruntime, no torch, no compiler, non-root
 #   gpu                                the same server on CUDA: onnxruntime-gpu, VAE_DEVICE=cuda
 #   train                              torch (CPU build) and the train extra: `vae train|export`
+#   batch                              `vae score` on Ray (the batch extra): the KubeRay image
 #
 #   docker build -t vae-server .
 #   docker build --target gpu -t vae-server:gpu .
 #   docker build --target train -t vae-server:train .
+#   docker build --target batch -t vae-server-batch:0.1.0 .   # deploy/kuberay/rayjob.yaml's
 #   docker build --target train --build-arg TORCH_INDEX_URL=https://mirror.example/whl/cpu \
 #       -t vae-server:train .
 #   podman build --format docker -t vae-server .       # likewise buildah build --format docker
@@ -123,6 +125,37 @@ USER 10001:10001
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/readyz', timeout=4)"]
 ENTRYPOINT ["vae", "serve", "--host", "0.0.0.0", "--port", "8000"]
+
+# ---------------------------------------------------------------------------------------------
+# `vae score` on a Ray cluster: the image deploy/kuberay/rayjob.yaml runs as head, workers and job
+# submitter. The serving install plus the batch extra (Ray Data) and Ray's dashboard, through whose
+# job API KubeRay submits the job, all from requirements/batch.txt. KubeRay replaces the command
+# with its `ray start`; run alone, the image is `vae score`.
+FROM base AS batch
+
+# Older KubeRay operators probe a Ray pod's health with wget (newer ones over HTTP).
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends wget \
+    && rm -rf /var/lib/apt/lists/*
+WORKDIR /src
+COPY requirements/batch.txt requirements/
+# The dependencies first, in a layer of their own: a change to the source alone reuses it.
+RUN python -m venv /opt/venv \
+    && /opt/venv/bin/pip install --require-hashes -r requirements/batch.txt
+COPY pyproject.toml README.md ./
+COPY model/ model/
+COPY service/ service/
+WORKDIR /
+RUN /opt/venv/bin/pip install --no-deps /src \
+    && /opt/venv/bin/pip check \
+    && rm -rf /src
+COPY service/bundles/mnist/ /models/mnist/
+
+ENV PATH=/opt/venv/bin:$PATH
+USER 10001:10001
+ENTRYPOINT ["vae"]
+CMD ["score", "--help"]
 
 # ---------------------------------------------------------------------------------------------
 FROM base AS runtime

@@ -4,7 +4,8 @@
 #   dev.txt      serving + train + batch + dev extras: CI's .venv
 #   train.txt    serving + train extra: the Dockerfile's train target
 #   serving.txt  the base install, no torch: the runtime and gpu targets
-# train.txt and serving.txt are resolved within dev.txt's pins, so CI tests the images' versions.
+#   batch.txt    serving + batch extra + Ray's dashboard (requirements/batch.in): the batch target
+# train.txt, serving.txt and batch.txt are resolved within dev.txt's pins, so CI tests the images' versions.
 #
 # usage: requirements/lock.sh [uv pip compile options]
 #   after changing dependencies in pyproject.toml:  requirements/lock.sh
@@ -27,11 +28,14 @@ compile() {
 compile "$@" --extra train --extra batch --extra dev -o requirements/dev.txt
 compile "$@" --extra train -c requirements/dev.txt -o requirements/train.txt
 compile "$@" -c requirements/dev.txt -o requirements/serving.txt
+compile "$@" --extra batch requirements/batch.in -c requirements/dev.txt -o requirements/batch.txt
 grep -q '^torch==.*+cpu ' requirements/train.txt || {
     echo "lock.sh: requirements/train.txt does not pin a CPU build of torch (torch==X+cpu)" >&2
     exit 1
 }
-if grep -qE '^(torch|nvidia-)' requirements/serving.txt; then
-    echo "lock.sh: requirements/serving.txt pulls in torch or CUDA, which the server must not" >&2
-    exit 1
-fi
+for lock in serving batch; do
+    if grep -qE '^(torch|nvidia-)' "requirements/$lock.txt"; then
+        echo "lock.sh: requirements/$lock.txt pulls in torch or CUDA, which the image must not" >&2
+        exit 1
+    fi
+done

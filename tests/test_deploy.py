@@ -12,9 +12,11 @@ from typing import Any
 
 import pytest
 import yaml
+from packaging.version import Version
 
 from service.settings import Settings
 from tests.test_container_recipe import DOCKERFILE, Stage, exec_form, parse_dockerfile
+from tests.test_lock import read_lock
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -344,3 +346,25 @@ def test_kserve_container_matches_the_deployments(deployment: Doc, isvc: Doc) ->
     assert set(env(ours)) == set(env(theirs)) - KSERVE_ENV
     for name in env(ours).keys() - {"VAE_THREADS"}:  # VAE_THREADS names its own container
         assert env(ours)[name] == env(theirs)[name], name
+
+
+def test_rayjob_runs_the_dockerfiles_batch_target() -> None:
+    """The RayJob's image is the Dockerfile's `batch` target at the project's version, whose lock
+    pins the Ray the cluster declares and whose user the pods run as; the docs build it so."""
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    cluster = load("kuberay/rayjob.yaml")["spec"]["rayClusterSpec"]
+    groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+    pods = [group["template"]["spec"] for group in groups]
+    assert {c["image"] for pod in pods for c in pod["containers"]} == {
+        f"vae-server-batch:{version}"
+    }
+    (stage,) = [s for s in parse_dockerfile(DOCKERFILE.read_text()) if s.name == "batch"]
+    runs = stage.args("RUN")
+    assert any("pip install --require-hashes -r requirements/batch.txt" in run for run in runs)
+    assert "requirements/batch.txt requirements/" in stage.args("COPY")
+    ray, _ = read_lock("batch.txt")["ray"]
+    assert ray == Version(cluster["rayVersion"]), f"rayVersion is not the image's Ray ({ray})"
+    uid = int(stage.args("USER")[-1].split(":")[0])
+    assert all(pod["securityContext"]["runAsUser"] == uid for pod in pods)
+    build = f"docker build --target batch -t vae-server-batch:{version} ."
+    assert build in DOCKERFILE.read_text() and build in (ROOT / "docs" / "DEPLOY.md").read_text()

@@ -21,6 +21,7 @@ LOCKS = {  # lock file: the pyproject.toml extras it holds besides the base depe
     "serving.txt": (),
     "train.txt": ("train",),
     "dev.txt": ("train", "dev"),
+    "batch.txt": ("batch",),
 }
 # Linux, Python 3.11: the environment lock.sh resolves for.
 ENVIRONMENT = {"sys_platform": "linux", "platform_system": "Linux", "python_version": "3.11"}
@@ -71,14 +72,23 @@ def test_every_pin_is_hashed(name: str) -> None:
 
 def test_locks_agree_on_versions() -> None:
     dev = read_lock("dev.txt")
-    for name in ("serving.txt", "train.txt"):
+    for name in ("serving.txt", "train.txt", "batch.txt"):
         for pkg, (version, _) in read_lock(name).items():
+            if name == "batch.txt" and pkg not in dev:
+                continue  # Ray's dashboard (requirements/batch.in): the KubeRay image's alone
             assert dev[pkg][0] == version, f"{name} pins {pkg}=={version}, dev.txt {dev[pkg][0]}"
 
 
-def test_serving_lock_has_no_torch_or_cuda() -> None:
-    heavy = [p for p in read_lock("serving.txt") if re.match(r"(torch|triton|nvidia-)", p)]
-    assert not heavy, f"serving.txt pulls in {heavy}; the server must not need them"
+@pytest.mark.parametrize("name", ["serving.txt", "batch.txt"])
+def test_serving_and_batch_locks_have_no_torch_or_cuda(name: str) -> None:
+    heavy = [p for p in read_lock(name) if re.match(r"(torch|triton|nvidia-)", p)]
+    assert not heavy, f"{name} pulls in {heavy}; the image must not need them"
+
+
+def test_batch_lock_has_rays_dashboard() -> None:
+    # KubeRay submits the RayJob through the head's dashboard, which needs Ray's `default` extra
+    pins = read_lock("batch.txt")
+    assert {"ray", "aiohttp", "aiohttp-cors", "opencensus", "grpcio"} <= set(pins)
 
 
 @pytest.mark.parametrize("name", ["train.txt", "dev.txt"])
