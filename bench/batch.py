@@ -38,7 +38,7 @@ from PIL import Image
 
 from bench.common import REPO, machine, now, require_mnist
 from bench.serving import free_port, wait_ready
-from service.batch import BATCH_SIZE, ROWS, Scorer, build_parser, resolve_options
+from service.batch import ROWS, Scorer, build_parser, resolve_options
 from service.bundle import load_bundle
 from service.runtime import available_cpus
 from service.settings import Settings
@@ -68,11 +68,11 @@ def _start(bundle: str) -> None:
 
 
 def _score(blobs: list[bytes]) -> int:
-    """What the actors do, without Ray: a Scorer on batches of BATCH_SIZE files' bytes."""
+    """What the actors do, without Ray: a Scorer on batches of the files' bytes, as large."""
     assert _scorer is not None
-    rows = 0
-    for i in range(0, len(blobs), BATCH_SIZE):
-        chunk = blobs[i : i + BATCH_SIZE]
+    rows, size = 0, _scorer.options.batch_size
+    for i in range(0, len(blobs), size):
+        chunk = blobs[i : i + size]
         keys = [str(j) for j in range(i, i + len(chunk))]
         rows += _scorer(pa.table([keys, chunk, [None] * len(chunk)], schema=ROWS)).num_rows
     return rows

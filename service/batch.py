@@ -26,6 +26,7 @@ import re
 import stat
 import sys
 import time
+import weakref
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -64,8 +65,9 @@ RESULT_FIELDS = [
 # CPU slots a reader task reserves. Reading is mostly waiting on storage, and the readers share
 # the one slot the scorers leave free (see `connect`), so four of them run at once.
 READ_CPUS = 0.25
-# Images per onnxruntime call: throughput on CPU stops growing past ~64 rows (service/batching.py)
-BATCH_SIZE = 64
+# Most images per onnxruntime call: 256 takes a tenth less CPU per image than 64 (bench/batch.py's
+# in-process loop); fewer when images x draws would pass VAE_MAX_ROWS, the server's budget per call.
+BATCH_IMAGES = 256
 NPY_MAGIC = b"\x93NUMPY"
 IDX_NAME = re.compile(r"(-ubyte|\.idx\d?)(\.gz)?$")
 # IDX type codes (LeCun's format), as numpy dtypes: big-endian, as the format stores them
@@ -91,6 +93,7 @@ class Options:
     threshold_source: ThresholdSource | None
     max_pixels: int
     strict_size: bool
+    batch_size: int  # images per onnxruntime call
     mu: bool
     anomaly_map: bool  # each image's (H, W) map, as POST /elbo?map=array gives it
 
@@ -322,8 +325,8 @@ class Scorer:
         self.options = options
         bundle: Bundle = load_bundle(options.bundle, device=options.device, threads=1)
         bundle.warm_up()
-        n = max(options.samples, options.k or 0, options.score_draws)
-        self.runtime = Runtime(bundle, Metrics(), max_rows=BATCH_SIZE * max(n, 1))
+        n = max(options.samples, options.k or 0, options.score_draws, 1)
+        self.runtime = Runtime(bundle, Metrics(), max_rows=options.batch_size * n)
         self.verdict = Verdict(
             options.seed,
             options.score,
@@ -335,6 +338,11 @@ class Scorer:
         )
         self.schema = result_schema(bundle.manifest, mu=options.mu, anomaly_map=options.anomaly_map)
         self.fields = pa.schema(list(self.schema)[1:-1])  # those scoring fills in
+        # One event loop for the actor's life. asyncio.run per batch would cost a fifth of the
+        # CPU: on the main thread it checks the SIGINT handler, and Python's signal module then
+        # formats the finished task's repr, arrays and all, into an error it throws away.
+        self.loop = asyncio.new_event_loop()
+        weakref.finalize(self, self.loop.close)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         errors: list[str | None] = batch["error"].to_pylist()
@@ -388,7 +396,7 @@ class Scorer:
         o, fields = self.options, self.fields
         if len(x) == 0:
             return fields.empty_table()
-        result = asyncio.run(
+        result = self.loop.run_until_complete(
             self.runtime.evaluate(
                 x,
                 samples=o.samples,
@@ -445,6 +453,12 @@ def resolve_options(args: argparse.Namespace, bundle: Bundle, settings: Settings
     except ValueError as exc:
         raise SourceError(f"--score {score}: {exc}") from None
     threshold, source = threshold_for(runtime, settings, score, args.threshold)
+    rows = max(args.samples, args.k or 0, draws, 1)  # network rows per image
+    if rows > settings.max_rows:  # POST /elbo would refuse every image
+        raise SourceError(
+            f"each image needs {rows} network rows (the most of --samples, --k and the score's "
+            f"draws), over the limit of {settings.max_rows} (VAE_MAX_ROWS)"
+        )
     _, h, w = bundle.manifest.input_shape
     if args.map and h * w > settings.max_map_pixels:  # POST /elbo?map would refuse every image
         raise SourceError(
@@ -463,6 +477,7 @@ def resolve_options(args: argparse.Namespace, bundle: Bundle, settings: Settings
         threshold_source=source,
         max_pixels=settings.max_pixels,
         strict_size=settings.strict_size,
+        batch_size=max(1, min(BATCH_IMAGES, settings.max_rows // rows)),
         mu=args.mu,
         anomaly_map=args.map,
     )
@@ -545,7 +560,7 @@ def score(args: argparse.Namespace) -> Report:
         scored = ds.map_batches(
             Scorer,
             fn_constructor_kwargs={"options": options},
-            batch_size=BATCH_SIZE,
+            batch_size=options.batch_size,
             batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors, initial_size=actors),
             num_cpus=1 if device == "cpu" else 0,

@@ -264,3 +264,19 @@ def test_cli_refuses_a_used_out_directory_before_starting_ray(
     assert capsys.readouterr().err == (
         f"vae score: --out {tmp_path / 'out'} is not empty; name a new directory\n"
     )
+
+
+def test_draws_over_the_servers_row_budget_are_refused_and_bound_the_batch(
+    bundle: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("VAE_MAX_ROWS", "1000")
+    assert scorer_options(bundle).batch_size == batch.BATCH_IMAGES
+    assert scorer_options(bundle, k=100).batch_size == 10  # 10 images x 100 draws per call
+    with pytest.raises(
+        batch.SourceError,
+        match=(
+            r"^each image needs 1001 network rows \(the most of --samples, --k and the score's "
+            r"draws\), over the limit of 1000 \(VAE_MAX_ROWS\)$"
+        ),
+    ):
+        scorer_options(bundle, k=1001)
