@@ -229,6 +229,8 @@ def test_idx_files_score_as_their_pngs(
         )
 
 
+# One small Parquet file is one block: one of the two scorers has nothing to do, and Ray says so.
+@pytest.mark.filterwarnings("ignore:The minimum number of concurrent actors:UserWarning")
 def test_parquet_rows_keep_their_keys(
     folder: Path,
     folder_run: tuple[dict[str, Any], dict[str, dict[str, Any]]],
