@@ -1,12 +1,13 @@
 """`vae score` throughput on 28x28 PNGs from a directory, against the same math without Ray.
 
-    python -m bench.batch [--images 20000] [--rounds 3] [--bundle DIR]
+    python -m bench.batch [--images 20000] [--rounds 3] [--bundle DIR] [--ways in-process,...]
 
-Four ways to score the same MNIST PNG files (decode, ELBO, score, percentile, verdict), each image
+Ways to score the same MNIST PNG files (decode, ELBO, score, percentile, verdict), each image
 as POST /elbo scores it alone with seed 0, interleaved round by round (medians reported):
 - `in-process`: the compute limit, no Ray: one process per core (ProcessPoolExecutor), each
-  decoding its share of the files with service.batch.load_image and scoring batches of 64 with
-  the server's Runtime, as a Scorer does; timed from the files' bytes in memory to the rows.
+  reading its share of the files and running a `service.batch.Scorer` (what a vae score actor
+  runs) on them, batch by batch; timed from the file names to the result tables, with the files
+  in the page cache as for the other ways. `in-process, 1 process`: the same in one process.
   Ray runs its workers at niceness 15; here they run at 0 (RAY_worker_niceness=0), as every
   other process here does, so that on a shared machine each way gets the same share of the
   cores.
@@ -45,6 +46,7 @@ from service.settings import Settings
 
 _scorer: Scorer | None = None
 DEFAULT_BUNDLE = Settings.model_fields["bundle"].default  # the server's default bundle
+WAYS = ["in-process", "in-process, 1 process", "1 actor", "2 actors", "2 actors parquet", "http"]
 
 
 def write_pngs(directory: Path, n: int) -> list[Path]:
@@ -67,23 +69,24 @@ def _start(bundle: str) -> None:
     _scorer = Scorer(resolve_options(args, loaded, Settings(bundle=args.bundle)))
 
 
-def _score(blobs: list[bytes]) -> int:
-    """What the actors do, without Ray: a Scorer on batches of the files' bytes, as large."""
+def _score(paths: list[str]) -> int:
+    """What the actors do, without Ray: a Scorer on the files' bytes, batch by batch."""
     assert _scorer is not None
     rows, size = 0, _scorer.options.batch_size
-    for i in range(0, len(blobs), size):
-        chunk = blobs[i : i + size]
+    for i in range(0, len(paths), size):
+        chunk = [Path(path).read_bytes() for path in paths[i : i + size]]
         keys = [str(j) for j in range(i, i + len(chunk))]
         rows += _scorer(pa.table([keys, chunk, [None] * len(chunk)], schema=ROWS)).num_rows
     return rows
 
 
-def in_process(pool: ProcessPoolExecutor, blobs: list[bytes], workers: int) -> float:
-    share = -(-len(blobs) // workers)
+def in_process(pool: ProcessPoolExecutor, files: list[Path], workers: int) -> float:
+    paths = [str(f) for f in files]
+    share = -(-len(paths) // workers)
     start = time.perf_counter()
-    done = sum(pool.map(_score, [blobs[i : i + share] for i in range(0, len(blobs), share)]))
-    assert done == len(blobs)
-    return len(blobs) / (time.perf_counter() - start)
+    done = sum(pool.map(_score, [paths[i : i + share] for i in range(0, len(paths), share)]))
+    assert done == len(paths)
+    return len(paths) / (time.perf_counter() - start)
 
 
 def write_parquet(path: Path, files: list[Path]) -> Path:
@@ -128,14 +131,21 @@ def main() -> None:
     parser.add_argument(
         "--bundle", type=Path, default=DEFAULT_BUNDLE, help="default: the shipped one"
     )
+    parser.add_argument(
+        "--ways",
+        type=lambda text: text.split(","),
+        default=WAYS,
+        help=f"comma-separated, of: {','.join(WAYS)}",
+    )
     args = parser.parse_args()
+    if not set(args.ways) <= set(WAYS) or "in-process" not in args.ways:
+        parser.error(f"--ways takes in-process and any of {', '.join(WAYS[1:])}")
     cores = available_cpus()
     results: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         source = Path(tmp) / "pngs"
         files = write_pngs(source, args.images)
         table = write_parquet(Path(tmp) / "pngs.parquet", files)
-        blobs = [f.read_bytes() for f in files]
         port = free_port()
         command = [sys.executable, "-m", "service.cli", "serve", "--port", str(port)]
         command += ["--bundle", str(args.bundle), "--log-level", "warning"]
@@ -144,12 +154,14 @@ def main() -> None:
         pool = ProcessPoolExecutor(cores, initializer=_start, initargs=(str(args.bundle),))
         try:
             wait_ready(f"http://127.0.0.1:{port}", server)
-            in_process(pool, blobs[: 64 * cores], cores)  # warm the workers
+            in_process(pool, files[: 256 * cores], cores)  # warm the workers
+            ways = args.ways
             for r in range(args.rounds):
-                ways = ["in-process", "1 actor", "2 actors", "2 actors parquet", "http"]
-                for name in ways[r % 5 :] + ways[: r % 5]:
+                for name in ways[r % len(ways) :] + ways[: r % len(ways)]:
                     if name == "in-process":
-                        results.setdefault(name, []).append(in_process(pool, blobs, cores))
+                        results.setdefault(name, []).append(in_process(pool, files, cores))
+                    elif name == "in-process, 1 process":
+                        results.setdefault(name, []).append(in_process(pool, files, 1))
                     elif name == "http":
                         rate = http_loop(f"http://127.0.0.1:{port}", files)
                         results.setdefault(name, []).append(rate)
