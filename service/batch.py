@@ -42,7 +42,7 @@ from pydantic import ValidationError
 from service.bundle import Bundle, BundleError, Manifest, ScoreName, load_bundle
 from service.imaging import ImageError, decode_image, fit_array, read_npy
 from service.metrics import Metrics
-from service.runtime import F32, Runtime, available_cpus
+from service.runtime import F32, NotFinite, Runtime, available_cpus
 from service.settings import Device, Settings
 from service.verdict import ThresholdSource, Verdict, score_draws, threshold_for
 
@@ -97,6 +97,7 @@ class Options:
     threshold_source: ThresholdSource | None
     max_pixels: int
     strict_size: bool
+    rows_per_image: int  # network rows an image needs (VAE_MAX_ROWS counts them)
     batch_size: int  # images per onnxruntime call
     mu: bool
     anomaly_map: bool  # each image's (H, W) map, as POST /elbo?map=array gives it
@@ -327,8 +328,8 @@ class Scorer:
         self.options = options
         bundle: Bundle = load_bundle(options.bundle, device=options.device, threads=1)
         bundle.warm_up()
-        n = max(options.samples, options.k or 0, options.score_draws, 1)
-        self.runtime = Runtime(bundle, Metrics(), max_rows=options.batch_size * n)
+        rows = options.batch_size * options.rows_per_image
+        self.runtime = Runtime(bundle, Metrics(), max_rows=rows)
         self.verdict = Verdict(
             options.seed,
             options.score,
@@ -378,20 +379,19 @@ class Scorer:
 
     def _score(self, index: list[int], x: F32) -> tuple[pa.Table, list[int], dict[int, str]]:
         """The result fields of the images at input positions `index`, the positions scored and
-        why the others failed: an image the model cannot score (its decoder output not finite)
-        is retried alone, so it fails by itself and the rest of its batch goes on."""
+        why the others failed, `batch_size` images per onnxruntime call. An image the model
+        cannot score (its decoder output not finite) is retried alone, so it fails by itself and
+        the rest of its batch goes on."""
+        size = self.options.batch_size
+        if len(index) > size:
+            chunks = range(0, len(index), size)
+            return merge([self._score(index[i : i + size], x[i : i + size]) for i in chunks])
         try:
             return self._evaluate(x), index, {}
-        except ValueError as exc:
+        except NotFinite as exc:
             if len(index) == 1:
                 return self._evaluate(x[:0]), [], {index[0]: f"scoring failed: {exc}"}
-        parts = [self._score([i], image[None]) for i, image in zip(index, x, strict=True)]
-        scored = pa.concat_tables([table for table, _, _ in parts])
-        return (
-            scored,
-            [i for _, done, _ in parts for i in done],
-            {i: error for _, _, failed in parts for i, error in failed.items()},
-        )
+        return merge([self._score([i], image[None]) for i, image in zip(index, x, strict=True)])
 
     def _evaluate(self, x: F32) -> pa.Table:
         """The result fields of images `x (B, C, H, W)`, as POST /elbo computes them for each."""
@@ -420,6 +420,17 @@ class Scorer:
             for f in fields
         ]
         return pa.Table.from_arrays(arrays, schema=fields)
+
+
+def merge(
+    parts: list[tuple[pa.Table, list[int], dict[int, str]]],
+) -> tuple[pa.Table, list[int], dict[int, str]]:
+    """Scorer._score's answers for consecutive parts of a batch, as one."""
+    return (
+        pa.concat_tables([table for table, _, _ in parts]),
+        [i for _, done, _ in parts for i in done],
+        {i: error for _, _, failed in parts for i, error in failed.items()},
+    )
 
 
 def result_schema(manifest: Manifest, *, mu: bool, anomaly_map: bool) -> pa.Schema:
@@ -455,17 +466,13 @@ def resolve_options(args: argparse.Namespace, bundle: Bundle, settings: Settings
     except ValueError as exc:
         raise SourceError(f"--score {score}: {exc}") from None
     threshold, source = threshold_for(runtime, settings, score, args.threshold)
-    rows = max(args.samples, args.k or 0, draws, 1)  # network rows per image
+    # network rows per image, as Runtime.evaluate counts them: its draws, and one for a map
+    rows = max(args.samples, args.k or 0, draws, 1) + args.map
     if rows > settings.max_rows:  # POST /elbo would refuse every image
         raise SourceError(
             f"each image needs {rows} network rows (the most of --samples, --k and the score's "
-            f"draws), over the limit of {settings.max_rows} (VAE_MAX_ROWS)"
-        )
-    _, h, w = bundle.manifest.input_shape
-    if args.map and h * w > settings.max_map_pixels:  # POST /elbo?map would refuse every image
-        raise SourceError(
-            f"--map: each image's map has {h}x{w} = {h * w} pixels, over the limit of "
-            f"{settings.max_map_pixels} (VAE_MAX_MAP_PIXELS)"
+            f"draws{', + 1 for --map' if args.map else ''}), over the limit of "
+            f"{settings.max_rows} (VAE_MAX_ROWS)"
         )
     return Options(
         bundle=args.bundle.resolve(),
@@ -479,6 +486,7 @@ def resolve_options(args: argparse.Namespace, bundle: Bundle, settings: Settings
         threshold_source=source,
         max_pixels=settings.max_pixels,
         strict_size=settings.strict_size,
+        rows_per_image=rows,
         batch_size=max(1, min(BATCH_IMAGES, settings.max_rows // rows)),
         mu=args.mu,
         anomaly_map=args.map,

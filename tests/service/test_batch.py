@@ -22,7 +22,7 @@ from service import batch
 from service.bundle import load_bundle
 from service.imaging import ImageError
 from service.metrics import Metrics
-from service.runtime import Runtime
+from service.runtime import NotFinite, Runtime
 from service.settings import Settings
 
 SHAPE = (1, 28, 28)
@@ -222,7 +222,7 @@ def test_an_image_the_model_cannot_score_fails_alone(
 
     def fussy(x: np.ndarray) -> pa.Table:  # as Runtime.evaluate fails on a non-finite decoder
         if (x == 1.0).all(axis=(1, 2, 3)).any():
-            raise ValueError("the decoder output is not finite for rows [0]")
+            raise NotFinite("the decoder output is not finite for rows [0]")
         return evaluate(x)
 
     monkeypatch.setattr(scorer, "_evaluate", fussy)
@@ -239,39 +239,13 @@ def test_an_image_the_model_cannot_score_fails_alone(
     assert [out[0], out[3]] == alone
 
 
-def test_map_over_the_servers_map_budget_is_refused(
-    bundle: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("VAE_MAX_MAP_PIXELS", "783")
-    with pytest.raises(
-        batch.SourceError,
-        match=(
-            r"^--map: each image's map has 28x28 = 784 pixels, over the limit of 783 "
-            r"\(VAE_MAX_MAP_PIXELS\)$"
-        ),
-    ):
-        scorer_options(bundle, map=True)
-    assert not scorer_options(bundle, map=False).anomaly_map
-
-
-def test_cli_refuses_a_used_out_directory_before_starting_ray(
-    bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "old.parquet").write_bytes(b"")
-    argv = [str(tmp_path), "--bundle", str(bundle), "--out", str(tmp_path / "out")]
-    assert batch.main(argv) == 2
-    assert capsys.readouterr().err == (
-        f"vae score: --out {tmp_path / 'out'} is not empty; name a new directory\n"
-    )
-
-
 def test_draws_over_the_servers_row_budget_are_refused_and_bound_the_batch(
     bundle: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("VAE_MAX_ROWS", "1000")
     assert scorer_options(bundle).batch_size == batch.BATCH_IMAGES
     assert scorer_options(bundle, k=100).batch_size == 10  # 10 images x 100 draws per call
+    assert scorer_options(bundle, k=99, map=True).batch_size == 10  # + 1 row for the map
     with pytest.raises(
         batch.SourceError,
         match=(
@@ -280,3 +254,15 @@ def test_draws_over_the_servers_row_budget_are_refused_and_bound_the_batch(
         ),
     ):
         scorer_options(bundle, k=1001)
+    with pytest.raises(
+        batch.SourceError,
+        match=(
+            r"^each image needs 1001 network rows \(the most of --samples, --k and the score's "
+            r"draws, \+ 1 for --map\), over the limit of 1000 \(VAE_MAX_ROWS\)$"
+        ),
+    ):
+        scorer_options(bundle, k=1000, map=True)
+    big = batch.Scorer(scorer_options(bundle, k=99, map=True))  # 10 images x 100 rows a call
+    images = np.random.default_rng(2).integers(0, 256, (12, 28, 28), dtype=np.uint8)
+    out = big(batch._rows([str(i) for i in range(12)], [png(im) for im in images], [None] * 12))
+    assert out["error"].null_count == 12 and out["anomaly_map"].null_count == 0
