@@ -6,11 +6,12 @@ serving now, and the request's images as one float32 batch at the model's size.
 
 import asyncio
 import copy
+import functools
 import json
 import logging
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import numpy as np
 from fastapi import Depends, HTTPException, Request, Response
@@ -44,10 +45,12 @@ IMAGE_MEDIA = (
     "multipart/form-data, application/json, image/* (one raw image) or application/x-npy "
     "(a NumPy array)"
 )
-# JSON is parsed holding the GIL, about 20 ms a MiB on this project's 2 cores: a body up to this
-# size (about a millisecond) is parsed on the event loop, a larger one (MAX_JSON_BYTES at most) in
-# a worker thread, where the loop gets the GIL back between the parse and its validation
-INLINE_JSON_BYTES = 64 * 1024
+# A JSON or multipart body up to this size is parsed on the event loop (about a millisecond of
+# JSON, 3 ms of multipart headers at most); a larger one in a worker thread. JSON is parsed holding
+# the GIL, about 20 ms a MiB on this project's 2 cores, and the loop gets it back between the parse
+# and the validation; python-multipart is Python, 8,192 small parts take about 70 ms.
+INLINE_BODY_BYTES = 64 * 1024
+T = TypeVar("T")
 # python-multipart logs each malformed body it stops at, at warning level; the client gets a 400
 # naming the problem instead, and cannot flood the log
 logging.getLogger("python_multipart").setLevel(logging.ERROR)
@@ -100,11 +103,16 @@ def _body_errors(exc: ValidationError) -> RequestValidationError:
     return RequestValidationError([{**error, "loc": ("body", *error["loc"])} for error in errors])
 
 
+async def parse_body(body: bytes, parse: Callable[[bytes], T]) -> T:
+    """`parse(body)`: on the event loop up to INLINE_BODY_BYTES, else in a worker thread."""
+    if len(body) <= INLINE_BODY_BYTES:
+        return parse(body)
+    return await asyncio.to_thread(parse, body)
+
+
 async def load_json(body: bytes) -> Any:
-    """`json.loads(body)`, in a worker thread for a body over INLINE_JSON_BYTES."""
-    if len(body) <= INLINE_JSON_BYTES:
-        return json.loads(body)
-    return await asyncio.to_thread(json.loads, body)
+    """`json.loads(body)`, off the event loop when large (parse_body)."""
+    return await parse_body(body, json.loads)
 
 
 class JSONRequest(Request):
@@ -153,11 +161,10 @@ async def read_json(request: Request) -> Any:
 Upload = tuple[str, bytes]  # (" ('name.png')" or "" for messages, encoded bytes)
 
 
-def _check_complete(body: bytes, content_type: str) -> None:
+def _check_complete(body: bytes, boundary: bytes) -> None:
     """400 for a multipart body without its closing delimiter: it was cut short, and the parser
     would silently drop the part it was in (no part can contain the boundary)."""
-    boundary = parse_options_header(content_type)[1].get(b"boundary")
-    if boundary and b"--" + boundary + b"--" not in body:
+    if b"--" + boundary + b"--" not in body:
         raise HTTPException(
             status_code=400,
             detail=f"the multipart body is truncated or malformed: its {len(body)} bytes do not "
@@ -203,11 +210,17 @@ async def _multipart_uploads(request: Request, settings: Settings) -> list[Uploa
     boundary = parse_options_header(content_type)[1].get(b"boundary")
     if not boundary:
         raise HTTPException(status_code=400, detail="the multipart Content-Type has no boundary")
-    _check_complete(body, content_type)
+    _check_complete(body, boundary)
     # the delimiters, less the closing one: at least the parts' count, found before parsing any
     parts = body.count(b"--" + boundary) - 1
     if parts > settings.max_rows:
         raise over_limit(("body", "images"), parts, settings.max_rows, "VAE_MAX_ROWS")
+    return await parse_body(body, functools.partial(_file_parts, boundary=boundary))
+
+
+def _file_parts(body: bytes, boundary: bytes) -> list[Upload]:
+    """The uploads of a complete multipart body; 400 when it is malformed, 422 for a part that
+    is no file."""
     collected = _Parts()
     try:
         parser = MultipartParser(boundary, collected.callbacks())

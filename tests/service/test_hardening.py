@@ -13,14 +13,15 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
+import service.parsing
 from service.bundle import Bundle
 from service.errors import MAX_JSON_BYTES
 from service.main import create_app
 from service.memory import RELEASE_ROWS
-from service.parsing import INLINE_JSON_BYTES
+from service.parsing import INLINE_BODY_BYTES
 from service.settings import Settings
 from tests.service.conftest import MakeClient
-from tests.service.helpers import encode, rewrite_manifest, stroke
+from tests.service.helpers import encode, files, rewrite_manifest, stroke
 
 PNG = encode(stroke())
 
@@ -155,7 +156,7 @@ def test_malformed_multipart_gets_a_4xx_naming_it_and_no_log(
 def test_large_json_bodies_are_parsed_off_the_event_loop(
     client: TestClient, monkeypatch: pytest.MonkeyPatch, method: str, path: str, body: Any
 ) -> None:
-    """A JSON body over INLINE_JSON_BYTES is parsed in a worker thread (no running event loop
+    """A JSON body over INLINE_BODY_BYTES is parsed in a worker thread (no running event loop
     there), a small one on the loop; both answer the same."""
     on_loop: list[bool] = []
     loads = json.loads
@@ -170,12 +171,38 @@ def test_large_json_bodies_are_parsed_off_the_event_loop(
 
     monkeypatch.setattr("service.parsing.json.loads", recording_loads)
     small, large = json.dumps(body(200)), json.dumps(body(4000))
-    assert len(small) <= INLINE_JSON_BYTES < len(large) <= MAX_JSON_BYTES
+    assert len(small) <= INLINE_BODY_BYTES < len(large) <= MAX_JSON_BYTES
     for content in (small, large):
         answer = client.request(
             method, path, content=content, headers={"Content-Type": "application/json"}
         )
         assert answer.status_code == 200, answer.text
+    assert on_loop == [True, False]
+
+
+def test_large_multipart_bodies_are_parsed_off_the_event_loop(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """python-multipart is Python: a body over INLINE_BODY_BYTES is parsed in a worker thread
+    (no running event loop there), a small one on the loop; both answer."""
+    on_loop: list[bool] = []
+    file_parts = service.parsing._file_parts
+
+    def recording(body: bytes, boundary: bytes) -> Any:
+        try:
+            asyncio.get_running_loop()
+            on_loop.append(True)
+        except RuntimeError:
+            on_loop.append(False)
+        return file_parts(body, boundary)
+
+    monkeypatch.setattr("service.parsing._file_parts", recording)
+    count = INLINE_BODY_BYTES // len(PNG) + 1
+    assert len(PNG) * count > INLINE_BODY_BYTES
+    for images in ([PNG], [PNG] * count):
+        answer = client.post("/encode", files=files(*images))
+        assert answer.status_code == 200, answer.text
+        assert len(answer.json()["results"]) == len(images)
     assert on_loop == [True, False]
 
 
