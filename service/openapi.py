@@ -13,9 +13,9 @@ from fastapi import FastAPI, routing
 from fastapi.dependencies.models import Dependant
 
 from service.deps import get_runtime, get_served, require_api_key
-from service.parsing import read_images
 from service.routes.admin import require_admin
 from service.routes.decode import Z_MAX
+from service.schemas import DecodeRequest
 from service.settings import Settings
 
 # query parameters bounded by a setting, with the setting's name for the description
@@ -89,7 +89,7 @@ def document(
             continue
         calls = _calls(route.dependant)
         needs_key = settings.api_key is not None and bool(
-            calls & {require_api_key, get_served, read_images, require_admin}
+            calls & {require_api_key, get_served, require_admin}
         )
         for method in route.methods:
             operation = schema["paths"].get(route.path_format, {}).get(method.lower())
@@ -108,18 +108,20 @@ def document(
                 _add_responses(operation, BODY_ERRORS)
                 if "multipart/form-data" in operation["requestBody"].get("content", {}):
                     _bound_images(operation, settings.max_rows)
-            if calls & {get_runtime, get_served, read_images}:
+            if calls & {get_runtime, get_served}:
                 _add_responses(operation, MODEL_ERRORS)
             if needs_key:
                 _add_responses(operation, KEY_ERRORS)
                 operation["security"] = [{name: []} for name in SCHEMES]
+    components = schema.setdefault("components", {})
     if settings.api_key is not None:
-        schema.setdefault("components", {})["securitySchemes"] = SCHEMES
-    decode = schema.get("components", {}).get("schemas", {}).get("DecodeRequest")
-    if decode is not None:
-        z = decode["properties"]["z"]
-        z["maxItems"] = settings.max_rows
-        z["items"]["items"].update(minimum=-Z_MAX, maximum=Z_MAX)
-        if latent_dim is not None:
-            z["items"].update(minItems=latent_dim, maxItems=latent_dim)
+        components["securitySchemes"] = SCHEMES
+    # /decode reads its body itself (service/routes/decode.py) and refers to this schema
+    decode = DecodeRequest.model_json_schema()
+    components.setdefault("schemas", {})["DecodeRequest"] = decode
+    z = decode["properties"]["z"]
+    z["maxItems"] = settings.max_rows
+    z["items"]["items"].update(minimum=-Z_MAX, maximum=Z_MAX)
+    if latent_dim is not None:
+        z["items"].update(minItems=latent_dim, maxItems=latent_dim)
     return schema

@@ -1,28 +1,29 @@
-"""Request bodies into model inputs: images in every accepted form, JSON, and their 4xx errors.
+"""Requests into model inputs: images in every accepted form, JSON, query strings, 4xx errors.
 
-Routes take their images through one dependency, `ImagesDep`: the API key checked, the runtime
-serving now, and the request's images as one float32 batch at the model's size.
+Model endpoints are `ModelRoute`s: `endpoint(served, request[, query])`, the caller checked, the
+query string read into a pydantic model, and the body read by the endpoint itself (`read_images`:
+the request's images as one float32 batch at the model's size).
 """
 
 import asyncio
 import copy
 import functools
+import inspect
 import json
 import logging
-from collections.abc import Callable, Coroutine, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar, get_args, get_type_hints
 
 import numpy as np
-from fastapi import Depends, HTTPException, Request, Response
+from fastapi import HTTPException, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from service.batching import INLINE_ROWS
-from service.deps import get_served
+from service.deps import Served, get_served
 from service.imaging import (
     NPY_MEDIA,
     SMALL_BYTES,
@@ -51,6 +52,7 @@ IMAGE_MEDIA = (
 # and the validation; python-multipart is Python, 8,192 small parts take about 70 ms.
 INLINE_BODY_BYTES = 64 * 1024
 T = TypeVar("T")
+Q = TypeVar("Q", bound=BaseModel)
 # python-multipart logs each malformed body it stops at, at warning level; the client gets a 400
 # naming the problem instead, and cannot flood the log
 logging.getLogger("python_multipart").setLevel(logging.ERROR)
@@ -98,7 +100,7 @@ def over_limit(loc: Loc, value: int, limit: int, setting: str) -> RequestValidat
     )
 
 
-def _body_errors(exc: ValidationError) -> RequestValidationError:
+def body_errors(exc: ValidationError) -> RequestValidationError:
     errors = exc.errors(include_url=False)
     return RequestValidationError([{**error, "loc": ("body", *error["loc"])} for error in errors])
 
@@ -137,8 +139,10 @@ class JSONRoute(APIRoute):
 
 
 async def read_json(request: Request) -> Any:
-    """Parse the JSON body; 422 in FastAPI's format when it is not JSON."""
+    """Parse the JSON body; 422 in FastAPI's format when it is missing or not JSON."""
     body = await request.body()
+    if not body:
+        raise invalid(("body",), "Field required", "missing")
     try:
         return await load_json(body)
     except RecursionError:
@@ -317,7 +321,7 @@ async def _read_batch(request: Request, settings: Settings, runtime: Runtime) ->
         try:
             body = ImagesRequest.model_validate(await read_json(request))
         except ValidationError as exc:
-            raise _body_errors(exc) from None
+            raise body_errors(exc) from None
         if body.pixels is not None:
             _check_count(len(body.pixels), settings, "pixels")
             return await off_loop(len(body.pixels), _prepare_arrays, body.pixels, shape, settings)
@@ -343,30 +347,62 @@ async def _read_batch(request: Request, settings: Settings, runtime: Runtime) ->
     return await asyncio.to_thread(_decode_uploads, *args)
 
 
-@dataclass(frozen=True)
-class ImageBatch:
-    """A model endpoint's input: the runtime serving now and the request's images."""
-
-    runtime: Runtime
-    settings: Settings
-    x: F32  # (B, C, H, W) in [0, 1] at the model's size
-
-
-async def read_images(request: Request) -> ImageBatch:
-    """The API key checked, then the request's images as one float32 batch `(B, C, H, W)`.
+async def read_images(request: Request, served: Served) -> F32:
+    """The request's images as one float32 batch `(B, C, H, W)` at the model's size.
 
     Accepts multipart file uploads, a JSON body (`images`: base64 files, or `pixels`: nested
     arrays), one raw image body (`Content-Type: image/...`) or a NumPy array
     (`Content-Type: application/x-npy`). A few small images decode on the event loop, the rest
     in a worker thread.
     """
-    served = await get_served(request)
     x = await _read_batch(request, served.settings, served.runtime)
     served.runtime.metrics.images.labels(request.scope["route"].path).observe(len(x))
-    return ImageBatch(served.runtime, served.settings, x)
+    return x
 
 
-ImagesDep = Annotated[ImageBatch, Depends(read_images)]
+def read_query(model: type[Q], request: Request) -> Q:
+    """The query string as `model`; a 422 in FastAPI's format naming each bad parameter."""
+    try:
+        return model.model_validate(dict(request.query_params))
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False)
+        raise RequestValidationError(
+            [{**error, "loc": ("query", *error["loc"])} for error in errors]
+        ) from None
+
+
+Endpoint = Callable[..., Awaitable[Response]]
+
+
+class ModelRoute(APIRoute):
+    """A model endpoint, `async def endpoint(served, request[, query]) -> Response`.
+
+    Per request it runs `get_served` (the API key, then the runtime serving now), reads the query
+    string into the pydantic model `query` is annotated with (`Annotated[Model, Query()]`), calls
+    the endpoint and sends what it returns; the endpoint reads the body itself (`read_images`).
+    FastAPI documents the route from the same signature, but its dependency solving and response
+    validation, over a third of the server's time for a 1-PNG /encode (BENCHMARKS.md section 3),
+    never run.
+    """
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        endpoint: Endpoint = self.endpoint
+        names = list(inspect.signature(endpoint).parameters)
+        if names not in (["served", "request"], ["served", "request", "query"]):
+            raise TypeError(f"{self.path}: a ModelRoute endpoint takes (served, request[, query])")
+        if len(names) == 2:
+
+            async def handler(request: Request) -> Response:
+                return await endpoint(await get_served(request), request)
+
+            return handler
+        model: type[BaseModel] = get_args(get_type_hints(endpoint, include_extras=True)["query"])[0]
+
+        async def query_handler(request: Request) -> Response:
+            served = await get_served(request)
+            return await endpoint(served, request, read_query(model, request))
+
+        return query_handler
 
 
 def _check_count(count: int, settings: Settings, field: str) -> None:

@@ -1,13 +1,14 @@
 """Turn decoded image batches into the response a client asked for."""
 
 import base64
-from typing import Annotated, Any
+from typing import Any
 
 import numpy as np
-from fastapi import Depends, HTTPException, Query, Request, Response
+from fastapi import HTTPException, Request, Response
+from pydantic import BaseModel, Field
 
 from service.imaging import F32, grid_png, to_png
-from service.schemas import ImagesPublic, OutputFormat
+from service.schemas import ImagesPublic, OutputFormat, json_response
 
 PNG = "image/png"
 JSON = "application/json"
@@ -20,11 +21,15 @@ IMAGE_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-FORMAT_QUERY = Query(
-    alias="format",
-    description="base64: PNG per image in JSON (default); arrays: raw mean/probabilities; "
-    "grid: one PNG (also chosen by `Accept: image/png`)",
-)
+class ImageQuery(BaseModel):
+    """The query string of an endpoint that answers with images."""
+
+    output: OutputFormat | None = Field(
+        default=None,
+        alias="format",
+        description="base64: PNG per image in JSON (default); arrays: raw mean/probabilities; "
+        "grid: one PNG (also chosen by `Accept: image/png`)",
+    )
 
 
 def _media_ranges(accept: str) -> list[tuple[str, float]]:
@@ -74,14 +79,9 @@ def png_base64(images: F32) -> list[str]:
     return [base64.b64encode(to_png(image)).decode("ascii") for image in images]
 
 
-async def response_format(
-    request: Request, output: Annotated[OutputFormat | None, FORMAT_QUERY] = None
-) -> OutputFormat:
+def response_format(request: Request, query: ImageQuery) -> OutputFormat:
     """The format asked for, by `format` or `Accept`; 406 before any work when none fits."""
-    return choose_format(output, request.headers.get("accept"))
-
-
-FormatDep = Annotated[OutputFormat, Depends(response_format)]
+    return choose_format(query.output, request.headers.get("accept"))
 
 
 def render_images(
@@ -93,7 +93,7 @@ def render_images(
     headers: dict[str, str] | None = None,
     columns: int | None = None,
     **extra: Any,
-) -> ImagesPublic | Response:
+) -> Response:
     """`mean (B, C, H, W)` -> base64 PNGs, raw arrays, or one PNG grid (CPU-bound: routes run it
     through `off_loop`).
 
@@ -107,5 +107,5 @@ def render_images(
     fields: dict[str, Any] = {"channels": c, "height": h, "width": w, "kind": kind}
     fields |= {k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in extra.items()}
     if fmt == "arrays":
-        return public(arrays=mean.tolist(), **fields)
-    return public(images=png_base64(mean), **fields)
+        return json_response(public, {"arrays": mean.tolist(), **fields})
+    return json_response(public, {"images": png_base64(mean), **fields})

@@ -3,23 +3,29 @@
 from typing import Annotated
 
 import numpy as np
-from fastapi import APIRouter, Depends, Response
+from fastapi import APIRouter, Query, Request, Response
+from pydantic import ValidationError
 
-from service.deps import ServedDep, get_served
-from service.parsing import JSONRoute, invalid, require_json
-from service.rendering import IMAGE_RESPONSES, FormatDep, render_images
-from service.runtime import F32, Runtime, off_loop
+from service.deps import Served, ServedDep
+from service.parsing import ModelRoute, body_errors, invalid, read_json, require_json
+from service.rendering import IMAGE_RESPONSES, ImageQuery, render_images, response_format
+from service.runtime import F32, off_loop
 from service.schemas import DecodeRequest, ImagesPublic
 
-router = APIRouter(tags=["images"], route_class=JSONRoute)
+router = APIRouter(tags=["images"], route_class=ModelRoute)
 
 # |z| bound: 10^4 standard deviations of the prior N(0, I), far past any meaningful latent, and
 # well inside what the decoder computes without overflowing float32
 Z_MAX = 1e4
 
 
-async def read_z(body: DecodeRequest, served: ServedDep) -> F32:
+async def read_z(request: Request, served: Served) -> F32:
     """The request's z as float32 `(B, D)`, each row checked against the model's latent_dim."""
+    await require_json(request)
+    try:
+        body = DecodeRequest.model_validate(await read_json(request))
+    except ValidationError as exc:
+        raise body_errors(exc) from None
     d = served.runtime.manifest.latent_dim
     for i, row in enumerate(body.z):
         if len(row) != d:
@@ -38,13 +44,21 @@ async def read_z(body: DecodeRequest, served: ServedDep) -> F32:
     "/decode",
     response_model=ImagesPublic,
     responses=IMAGE_RESPONSES,
-    # the API key first (get_served, cached for read_z), then the media type
-    dependencies=[Depends(get_served), Depends(require_json)],
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {"schema": {"$ref": "#/components/schemas/DecodeRequest"}}
+            },
+        }
+    },
 )
 async def decode(
-    z: Annotated[F32, Depends(read_z)], served: ServedDep, fmt: FormatDep
-) -> ImagesPublic | Response:
+    served: ServedDep, request: Request, query: Annotated[ImageQuery, Query()]
+) -> Response:
     """Decode latent vectors z (B x latent_dim) to images: PNGs, a PNG grid or raw arrays."""
-    runtime: Runtime = served.runtime
+    fmt = response_format(request, query)
+    z = await read_z(request, served)
+    runtime = served.runtime
     mean = await runtime.decode(z)
     return await off_loop(len(mean), render_images, mean, fmt, runtime.manifest.likelihood)

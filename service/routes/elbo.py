@@ -2,41 +2,49 @@
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Query, Request, Response
+from pydantic import BaseModel, Field
 
-from service.parsing import IMAGES_OPENAPI, ImagesDep, invalid
+from service.deps import ServedDep
+from service.parsing import IMAGES_OPENAPI, ModelRoute, invalid, read_images
 from service.runtime import F32, MAX_SEED, Evaluation, off_loop
 from service.schemas import ElboPublic, Score, json_response
 from service.verdict import MapFormat, Verdict, score_draws, threshold_for
 
-router = APIRouter(tags=["scores"])
+router = APIRouter(tags=["scores"], route_class=ModelRoute)
+
+
+class ElboQuery(BaseModel):
+    samples: int = Field(
+        default=1, ge=1, description="draws for the reported ELBO (images x draws: VAE_MAX_ROWS)"
+    )
+    k: int | None = Field(
+        default=None, ge=1, description="importance samples for the IWAE bound (VAE_MAX_ROWS)"
+    )
+    seed: int = Field(default=0, ge=0, le=MAX_SEED, description="seed of eps")
+    score: Score | None = Field(
+        default=None, description="anomaly score; default: the calibration's"
+    )
+    threshold: float | None = Field(
+        default=None,
+        allow_inf_nan=False,
+        description="anomaly threshold on the score for this request",
+    )
+    heat: MapFormat | None = Field(
+        default=None,
+        alias="map",
+        description="also return a per-pixel anomaly map, as arrays or PNGs",
+    )
 
 
 @router.post("/elbo", response_model=ElboPublic, openapi_extra=IMAGES_OPENAPI)
 async def elbo(
-    images: ImagesDep,
-    samples: Annotated[
-        int, Query(ge=1, description="draws for the reported ELBO (images x draws: VAE_MAX_ROWS)")
-    ] = 1,
-    k: Annotated[
-        int | None, Query(ge=1, description="importance samples for the IWAE bound (VAE_MAX_ROWS)")
-    ] = None,
-    seed: Annotated[int, Query(ge=0, le=MAX_SEED, description="seed of eps")] = 0,
-    score: Annotated[
-        Score | None, Query(description="anomaly score; default: the calibration's")
-    ] = None,
-    threshold: Annotated[
-        float | None,
-        Query(allow_inf_nan=False, description="anomaly threshold on the score for this request"),
-    ] = None,
-    heat: Annotated[
-        MapFormat | None,
-        Query(alias="map", description="also return a per-pixel anomaly map, as arrays or PNGs"),
-    ] = None,
+    served: ServedDep, request: Request, query: Annotated[ElboQuery, Query()]
 ) -> Response:
     """Score images: ELBO and its terms, optional IWAE, anomaly score, percentile and verdict."""
-    runtime, x, settings = images.runtime, images.x, images.settings
-    chosen = score or runtime.manifest.default_score
+    x = await read_images(request, served)
+    runtime, samples, k = served.runtime, query.samples, query.k
+    chosen = query.score or runtime.manifest.default_score
     try:
         draws = score_draws(runtime, chosen, samples, k)
     except ValueError as exc:
@@ -47,12 +55,12 @@ async def elbo(
         k=k,
         score=chosen,
         score_draws=draws,
-        seed=seed,
-        anomaly_map=heat is not None,
+        seed=query.seed,
+        anomaly_map=query.heat is not None,
     )
-    limit, source = threshold_for(runtime, settings, chosen, threshold)
+    limit, source = threshold_for(runtime, served.settings, chosen, query.threshold)
     table = runtime.manifest.score_table(chosen)
-    verdict = Verdict(seed, chosen, draws, limit, source, table, heat)
+    verdict = Verdict(query.seed, chosen, draws, limit, source, table, query.heat)
     return await off_loop(len(x), respond, verdict, x, result, samples, k)
 
 

@@ -2,28 +2,34 @@
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Query, Request, Response
+from pydantic import BaseModel, Field
 
+from service.deps import ServedDep
 from service.objective import reparameterize
-from service.parsing import IMAGES_OPENAPI, ImagesDep
+from service.parsing import IMAGES_OPENAPI, ModelRoute, read_images
 from service.runtime import F32, MAX_SEED, draw_eps, fresh_seed, off_loop
 from service.schemas import EncodePublic, json_response
 
-router = APIRouter(tags=["latents"])
+router = APIRouter(tags=["latents"], route_class=ModelRoute)
+
+
+class EncodeQuery(BaseModel):
+    sample: bool = Field(default=False, description="also draw z = mu + sigma * eps")
+    seed: int | None = Field(
+        default=None, ge=0, le=MAX_SEED, description="seed of eps; fresh when omitted"
+    )
 
 
 @router.post("/encode", response_model=EncodePublic, openapi_extra=IMAGES_OPENAPI)
 async def encode(
-    images: ImagesDep,
-    sample: Annotated[bool, Query(description="also draw z = mu + sigma * eps")] = False,
-    seed: Annotated[
-        int | None, Query(ge=0, le=MAX_SEED, description="seed of eps; fresh when omitted")
-    ] = None,
+    served: ServedDep, request: Request, query: Annotated[EncodeQuery, Query()]
 ) -> Response:
     """Encode images to mu and logvar of q(z|x), and a reparameterised draw z with sample=true."""
-    mu, logvar = await images.runtime.encode(images.x)
-    used_seed = (fresh_seed() if seed is None else seed) if sample else None
-    return await off_loop(len(mu), encode_public, mu, logvar, used_seed)
+    x = await read_images(request, served)
+    mu, logvar = await served.runtime.encode(x)
+    seed = (fresh_seed() if query.seed is None else query.seed) if query.sample else None
+    return await off_loop(len(mu), encode_public, mu, logvar, seed)
 
 
 def encode_public(mu: F32, logvar: F32, seed: int | None) -> Response:

@@ -3,15 +3,16 @@
 from typing import Annotated, Literal
 
 import numpy as np
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Query, Request, Response
 from pydantic import Field
 
-from service.parsing import ImagesDep, images_openapi, invalid
-from service.rendering import IMAGE_RESPONSES, FormatDep, render_images
+from service.deps import ServedDep
+from service.parsing import ModelRoute, images_openapi, invalid, read_images
+from service.rendering import IMAGE_RESPONSES, ImageQuery, render_images, response_format
 from service.runtime import F32, off_loop
 from service.schemas import ImagesPublic
 
-router = APIRouter(tags=["latents"])
+router = APIRouter(tags=["latents"], route_class=ModelRoute)
 
 Mode = Literal["linear", "slerp"]
 # Below this sin(angle) the directions are (anti)parallel and slerp's weights are 0/0.
@@ -50,6 +51,15 @@ def interpolate(a: F32, b: F32, steps: int, mode: Mode) -> F32:
     return z
 
 
+class InterpolateQuery(ImageQuery):
+    steps: int = Field(
+        default=8, ge=2, description="points on the path, ends included (VAE_MAX_ROWS)"
+    )
+    mode: Mode = Field(
+        default="linear", description="linear, or slerp: great-circle direction, linear norm"
+    )
+
+
 @router.post(
     "/interpolate",
     response_model=InterpolatePublic,
@@ -57,21 +67,16 @@ def interpolate(a: F32, b: F32, steps: int, mode: Mode) -> F32:
     openapi_extra=images_openapi(2),
 )
 async def interpolate_images(
-    images: ImagesDep,
-    fmt: FormatDep,
-    steps: Annotated[
-        int, Query(ge=2, description="points on the path, ends included (VAE_MAX_ROWS)")
-    ] = 8,
-    mode: Annotated[
-        Mode, Query(description="linear, or slerp: great-circle direction, linear norm")
-    ] = "linear",
-) -> ImagesPublic | Response:
+    served: ServedDep, request: Request, query: Annotated[InterpolateQuery, Query()]
+) -> Response:
     """Interpolate between two images: encode both to mu, walk between them, decode each point.
 
     Send exactly two images, a then b (multipart files in that order, e.g. fields `a` and `b`;
     or JSON `images` / `pixels` with two entries).
     """
-    runtime, x = images.runtime, images.x
+    fmt = response_format(request, query)
+    x = await read_images(request, served)
+    runtime, steps, mode = served.runtime, query.steps, query.mode
     if len(x) != 2:
         raise invalid(("body", "images"), f"got {len(x)} image(s); send exactly two (a, then b)")
     runtime.check_rows(steps, f"steps = {steps} images")

@@ -2,34 +2,39 @@
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Query, Request, Response
+from pydantic import Field
 
 from service.deps import ServedDep
-from service.rendering import IMAGE_RESPONSES, FormatDep, render_images
+from service.parsing import ModelRoute
+from service.rendering import IMAGE_RESPONSES, ImageQuery, render_images, response_format
 from service.runtime import MAX_SEED, draw_eps, fresh_seed, off_loop
-from service.schemas import ImagesPublic, SamplePublic
+from service.schemas import SamplePublic
 
-router = APIRouter(tags=["images"])
+router = APIRouter(tags=["images"], route_class=ModelRoute)
+
+
+class SampleQuery(ImageQuery):
+    n: int = Field(default=16, ge=1, description="images to draw (at most VAE_MAX_ROWS)")
+    seed: int | None = Field(
+        default=None, ge=0, le=MAX_SEED, description="seed of z; fresh when omitted"
+    )
+    temperature: float = Field(
+        default=1.0, gt=0, le=100, allow_inf_nan=False, description="z ~ N(0, temperature^2 I)"
+    )
 
 
 @router.get("/sample", response_model=SamplePublic, responses=IMAGE_RESPONSES)
 async def sample(
-    served: ServedDep,
-    fmt: FormatDep,
-    n: Annotated[int, Query(ge=1, description="images to draw (at most VAE_MAX_ROWS)")] = 16,
-    seed: Annotated[
-        int | None, Query(ge=0, le=MAX_SEED, description="seed of z; fresh when omitted")
-    ] = None,
-    temperature: Annotated[
-        float,
-        Query(gt=0, le=100, allow_inf_nan=False, description="z ~ N(0, temperature^2 I)"),
-    ] = 1.0,
-) -> ImagesPublic | Response:
+    served: ServedDep, request: Request, query: Annotated[SampleQuery, Query()]
+) -> Response:
     """Draw n images: z from the prior N(0, I) scaled by temperature, decoded."""
-    runtime, used_seed = served.runtime, fresh_seed() if seed is None else seed
+    fmt = response_format(request, query)
+    runtime, n = served.runtime, query.n
+    seed = fresh_seed() if query.seed is None else query.seed
     runtime.check_rows(n, f"n = {n} images")
     runtime.metrics.images.labels("/sample").observe(n)
-    z = await off_loop(n, draw_eps, used_seed, (n, runtime.manifest.latent_dim)) * temperature
+    z = await off_loop(n, draw_eps, seed, (n, runtime.manifest.latent_dim)) * query.temperature
     mean = await runtime.decode(z)
     return await off_loop(
         len(mean),
@@ -38,8 +43,8 @@ async def sample(
         fmt,
         runtime.manifest.likelihood,
         public=SamplePublic,
-        headers={"X-Seed": str(used_seed)},
-        seed=used_seed,
-        temperature=temperature,
+        headers={"X-Seed": str(seed)},
+        seed=seed,
+        temperature=query.temperature,
         z=z,
     )
