@@ -33,6 +33,7 @@ from service.routes import admin, decode, elbo, encode, health, model, reconstru
 from service.routes.demo import router as demo_router
 from service.routes.interpolate import router as interpolate_router
 from service.routes.v2 import router as v2_router
+from service.routing import ModelEndpoints, ModelRoute
 from service.runtime import NotFinite, OverBudget
 from service.settings import Settings, get_settings
 
@@ -67,9 +68,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.runtime = None
     app.state.draining = False
     app.state.reload_lock = asyncio.Lock()
-    for module in (encode, decode, sample, elbo, reconstruct, model, health):
-        app.include_router(module.router)
-    app.include_router(interpolate_router)
+    routers = [
+        module.router for module in (encode, decode, sample, elbo, reconstruct, model, health)
+    ]
+    routers.append(interpolate_router)
+    for router in routers:
+        app.include_router(router)
     app.include_router(demo_router)
     app.include_router(admin.router)
     app.include_router(v2_router)
@@ -92,6 +96,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+    model_routes = [route for router in routers for route in router.routes]
+    app.add_middleware(  # innermost: the body limit and everything outside it apply
+        ModelEndpoints, routes=[route for route in model_routes if isinstance(route, ModelRoute)]
+    )
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes)
     app.add_middleware(HeadMiddleware)
     if settings.cors_origins:

@@ -1,18 +1,16 @@
 """Requests into model inputs: images in every accepted form, JSON, query strings, 4xx errors.
 
-Model endpoints are `ModelRoute`s: `endpoint(served, request[, query])`, the caller checked, the
-query string read into a pydantic model, and the body read by the endpoint itself (`read_images`:
-the request's images as one float32 batch at the model's size).
+Model endpoints (service/routing.py) read their query string with `read_query` and their body
+with `read_images` (the request's images as one float32 batch at the model's size) or `read_json`.
 """
 
 import asyncio
 import copy
 import functools
-import inspect
 import json
 import logging
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar, get_args, get_type_hints
+from collections.abc import Callable, Coroutine, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 from fastapi import HTTPException, Request, Response
@@ -23,7 +21,7 @@ from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from service.batching import INLINE_ROWS
-from service.deps import Served, get_served
+from service.deps import Served
 from service.imaging import (
     NPY_MEDIA,
     SMALL_BYTES,
@@ -369,40 +367,6 @@ def read_query(model: type[Q], request: Request) -> Q:
         raise RequestValidationError(
             [{**error, "loc": ("query", *error["loc"])} for error in errors]
         ) from None
-
-
-Endpoint = Callable[..., Awaitable[Response]]
-
-
-class ModelRoute(APIRoute):
-    """A model endpoint, `async def endpoint(served, request[, query]) -> Response`.
-
-    Per request it runs `get_served` (the API key, then the runtime serving now), reads the query
-    string into the pydantic model `query` is annotated with (`Annotated[Model, Query()]`), calls
-    the endpoint and sends what it returns; the endpoint reads the body itself (`read_images`).
-    FastAPI documents the route from the same signature, but its dependency solving and response
-    validation, over a third of the server's time for a 1-PNG /encode (BENCHMARKS.md section 3),
-    never run.
-    """
-
-    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        endpoint: Endpoint = self.endpoint
-        names = list(inspect.signature(endpoint).parameters)
-        if names not in (["served", "request"], ["served", "request", "query"]):
-            raise TypeError(f"{self.path}: a ModelRoute endpoint takes (served, request[, query])")
-        if len(names) == 2:
-
-            async def handler(request: Request) -> Response:
-                return await endpoint(await get_served(request), request)
-
-            return handler
-        model: type[BaseModel] = get_args(get_type_hints(endpoint, include_extras=True)["query"])[0]
-
-        async def query_handler(request: Request) -> Response:
-            served = await get_served(request)
-            return await endpoint(served, request, read_query(model, request))
-
-        return query_handler
 
 
 def _check_count(count: int, settings: Settings, field: str) -> None:

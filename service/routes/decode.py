@@ -7,8 +7,9 @@ from fastapi import APIRouter, Query, Request, Response
 from pydantic import ValidationError
 
 from service.deps import Served, ServedDep
-from service.parsing import ModelRoute, body_errors, invalid, read_json, require_json
+from service.parsing import body_errors, invalid, read_json, require_json
 from service.rendering import IMAGE_RESPONSES, ImageQuery, render_images, response_format
+from service.routing import ModelRoute
 from service.runtime import F32, off_loop
 from service.schemas import DecodeRequest, ImagesPublic
 

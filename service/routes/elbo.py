@@ -6,7 +6,8 @@ from fastapi import APIRouter, Query, Request, Response
 from pydantic import BaseModel, Field
 
 from service.deps import ServedDep
-from service.parsing import IMAGES_OPENAPI, ModelRoute, invalid, read_images
+from service.parsing import IMAGES_OPENAPI, invalid, read_images
+from service.routing import ModelRoute
 from service.runtime import F32, MAX_SEED, Evaluation, off_loop
 from service.schemas import ElboPublic, Score, json_response
 from service.verdict import MapFormat, Verdict, score_draws, threshold_for

@@ -7,7 +7,8 @@ from pydantic import BaseModel, Field
 
 from service.deps import ServedDep
 from service.objective import reparameterize
-from service.parsing import IMAGES_OPENAPI, ModelRoute, read_images
+from service.parsing import IMAGES_OPENAPI, read_images
+from service.routing import ModelRoute
 from service.runtime import F32, MAX_SEED, draw_eps, fresh_seed, off_loop
 from service.schemas import EncodePublic, json_response
 

@@ -7,8 +7,9 @@ from fastapi import APIRouter, Query, Request, Response
 from pydantic import Field
 
 from service.deps import ServedDep
-from service.parsing import ModelRoute, images_openapi, invalid, read_images
+from service.parsing import images_openapi, invalid, read_images
 from service.rendering import IMAGE_RESPONSES, ImageQuery, render_images, response_format
+from service.routing import ModelRoute
 from service.runtime import F32, off_loop
 from service.schemas import ImagesPublic
 

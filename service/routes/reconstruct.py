@@ -6,7 +6,7 @@ from fastapi import APIRouter, Query, Request, Response
 from pydantic import Field
 
 from service.deps import ServedDep
-from service.parsing import IMAGES_OPENAPI, ModelRoute, read_images
+from service.parsing import IMAGES_OPENAPI, read_images
 from service.rendering import (
     IMAGE_RESPONSES,
     ImageQuery,
@@ -14,6 +14,7 @@ from service.rendering import (
     render_images,
     response_format,
 )
+from service.routing import ModelRoute
 from service.runtime import F32, off_loop
 from service.schemas import OutputFormat, ReconstructPublic
 

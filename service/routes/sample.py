@@ -6,8 +6,8 @@ from fastapi import APIRouter, Query, Request, Response
 from pydantic import Field
 
 from service.deps import ServedDep
-from service.parsing import ModelRoute
 from service.rendering import IMAGE_RESPONSES, ImageQuery, render_images, response_format
+from service.routing import ModelRoute
 from service.runtime import MAX_SEED, draw_eps, fresh_seed, off_loop
 from service.schemas import SamplePublic
 
