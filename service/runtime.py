@@ -216,9 +216,13 @@ class Runtime:
             return eps, objective.reparameterize(mu, logvar, eps)  # (n, B, D) each
 
         eps, z = await off_loop(b * n, draw)
-        (out,) = await self.decoder(z.reshape(n * b, d))  # (n * B, C, H, W)
+        # the draws' rows, and for a score of the reconstruction or a map the B rows of z = mu
+        # behind them, decoded in one call: (n * B [+ B], C, H, W)
         at_mu = score in objective.RECONSTRUCTION_SCORES or anomaly_map
-        mean = await self.decode(mu) if at_mu else None
+        rows_in = z.reshape(n * b, d)
+        (out,) = await self.decoder(np.concatenate([rows_in, mu]) if at_mu else rows_in)
+        mean = await off_loop(b, self._mean, out[n * b :]) if at_mu else None
+        out = out[: n * b]
         decode = _prefix_decoder(z, out)
         likelihood, sigma = self.manifest.likelihood, self.manifest.sigma or 1.0
 
