@@ -8,6 +8,7 @@ function of `z (N, D)`, `eps` the random draws), so each side reads like the oth
 tests/service/test_objective.py holds every pair to the same numbers.
 """
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any, Literal, NamedTuple
@@ -131,13 +132,22 @@ def squared_error(x: F32, mean: F32) -> F64:
     return err
 
 
+@functools.cache
+def blur_matrix(n: int) -> F32:
+    """The 5-tap binomial filter along an axis of length `n`, zero padding 2, as an `(n, n)` band
+    matrix: row i weights a[i - 2 .. i + 2] (symmetric, as the taps are)."""
+    band = [
+        tap * np.eye(n, k=offset, dtype=np.float32) for offset, tap in enumerate(BINOMIAL_5, -2)
+    ]
+    matrix: F32 = np.sum(band, axis=0, dtype=np.float32)
+    return matrix
+
+
 def blur(a: F32) -> F32:
-    """`(..., H, W)` filtered by the 5x5 binomial kernel: separable, zero padding 2, same size."""
+    """`(..., H, W)` filtered by the 5x5 binomial kernel: separable, zero padding 2, same size;
+    two matrix products (one numpy call each, where shifted slices took twenty)."""
     h, w = a.shape[-2:]
-    pad = [(0, 0)] * (a.ndim - 2) + [(2, 2), (2, 2)]
-    padded = np.pad(a, pad)
-    rows = sum(BINOMIAL_5[i] * padded[..., i : i + h, :] for i in range(5))
-    out: F32 = sum(BINOMIAL_5[j] * rows[..., :, j : j + w] for j in range(5))
+    out: F32 = blur_matrix(h) @ a @ blur_matrix(w)
     return out
 
 
