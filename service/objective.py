@@ -147,7 +147,7 @@ def blur(a: F32) -> F32:
     """`(..., H, W)` filtered by the 5x5 binomial kernel: separable, zero padding 2, same size;
     two matrix products (one numpy call each, where shifted slices took twenty)."""
     h, w = a.shape[-2:]
-    out: F32 = blur_matrix(h) @ a @ blur_matrix(w)
+    out: F32 = (blur_matrix(h) @ a @ blur_matrix(w)).astype(np.float32, copy=False)
     return out
 
 

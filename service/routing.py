@@ -61,9 +61,8 @@ class ModelEndpoints:
         }
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        http = scope["type"] == "http"
-        found = self.routes.get((scope["method"], scope["path"])) if http else None
-        if found is None:
+        found = self.routes.get(_method_and_path(scope)) if scope["type"] == "http" else None
+        if found is None:  # not a model endpoint, or not its exact path (FastAPI redirects)
             await self.app(scope, receive, send)
             return
         route, handler = found
@@ -77,6 +76,12 @@ class ModelEndpoints:
                 raise
             response = await on_error(request, exc)
         await response(scope, receive, send)
+
+
+def _method_and_path(scope: Scope) -> tuple[str, str]:
+    """The request's method and path below the app's root path, as Starlette's router sees it."""
+    path, root = scope["path"], scope.get("root_path", "")
+    return scope["method"], path[len(root) :] if root and path.startswith(root) else path
 
 
 def _handler_for(handlers: dict[Any, Any], exc: Exception) -> Any:

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import pytest
 from fastapi import APIRouter, Query, Request, Response
+from fastapi.testclient import TestClient
 from pydantic import BaseModel
 
 from service.deps import ServedDep
+from service.main import create_app
 from service.routing import ModelRoute
+from service.settings import Settings
 from tests.service.conftest import MakeClient
 from tests.service.helpers import encode, files, stroke
 
@@ -80,3 +84,13 @@ def test_the_document_comes_from_the_same_signatures(make_client: MakeClient) ->
         "$ref": "#/components/schemas/DecodeRequest"
     }
     assert {"400", "413", "415", "422", "503"} <= set(decode["responses"])
+
+
+def test_behind_a_root_path(tiny_bundle: Path) -> None:
+    app = create_app(Settings(bundle=tiny_bundle))
+    with TestClient(app, root_path="/vae") as client:
+        response = client.post("/vae/encode", files=files(encode(stroke())))
+        assert response.status_code == 200, response.text
+        assert len(response.json()["results"]) == 1
+        metrics = client.get("/vae/metrics").text
+    assert 'vae_http_requests_total{endpoint="/encode",method="POST",status="200"} 1.0' in metrics
