@@ -19,13 +19,16 @@ from service.settings import Settings
 from tests.live import free_port
 
 TIMEOUT_S = 0.5
+DRAIN_BYTES_PER_S = 8 * 1024 * 1024
 
 
 class QuickProtocol(GuardedHttpToolsProtocol):
-    """The served protocol with its timeouts shortened, so the tests wait less than a second."""
+    """The served protocol with its timeouts shortened, so the tests wait less than a second, and
+    a drain rate of its own."""
 
     head_timeout_s = TIMEOUT_S
     body_idle_timeout_s = TIMEOUT_S
+    drain_bytes_per_s = DRAIN_BYTES_PER_S
 
 
 @pytest.fixture(scope="module")
@@ -139,3 +142,36 @@ def test_keep_alive_and_pipelined_requests_still_work(address: tuple[str, int]) 
         pause=0.2,
     )
     assert response.count(b"HTTP/1.1 200 OK") == 3
+
+
+def read_response(sock: socket.socket) -> bytes:
+    """One response, by its Content-Length, on a connection the server keeps open."""
+    received = b""
+    while b"\r\n\r\n" not in received:
+        received += sock.recv(65536)
+    head, _, body = received.partition(b"\r\n\r\n")
+    length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+    while len(body) < length:
+        body += sock.recv(65536)
+    return head + b"\r\n\r\n" + body
+
+
+def test_a_body_that_keeps_coming_after_its_answer_is_drained_at_a_bounded_rate(
+    address: tuple[str, int],
+) -> None:
+    size = 16 * 1024 * 1024  # JSON over its 1 MiB limit: 413 on the Content-Length, before any body
+    head = b"POST /encode HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    head += b"Content-Length: " + str(size).encode() + b"\r\n\r\n"
+    with socket.create_connection(address, timeout=30) as sock:
+        start = time.monotonic()
+        sock.sendall(head + b" " * size)
+        sent = time.monotonic() - start
+        response = read_response(sock)
+        assert status(response) == 413, response
+        assert b"over the limit of 1048576 bytes for JSON" in response
+        # the connection stays usable once the dropped body is through
+        sock.sendall(get("/healthz", close=False))
+        assert status(read_response(sock)) == 200
+    # read and dropped at DRAIN_BYTES_PER_S: 2 s for 16 MiB, less what the sockets' buffers take
+    # (a few MiB); undrained, loopback takes it in milliseconds
+    assert sent >= 0.5 * size / DRAIN_BYTES_PER_S, sent
