@@ -204,6 +204,6 @@ def anomaly_map(x: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
 
 
 def blur_recon_energy(x: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
-    """`sum(blur(x - mean)^2) / (contrast_energy(x) + 0.1)` per image: the blurred error over the
-    image's squared contrast (service/objective.py says why)."""
-    return blurred_error(x, mean).flatten(1).sum(1) / (contrast_energy(x) + ENERGY_FLOOR)
+    """`sum(blur(x - mean)^2) / (contrast_energy(x) + ENERGY_FLOOR)` per image: the blurred error
+    over the image's squared contrast (service/objective.py says why); the sum of anomaly_map."""
+    return anomaly_map(x, mean).flatten(1).sum(1)

@@ -96,10 +96,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return schema
 
     app.openapi = openapi  # type: ignore[method-assign]
-    model_routes = [route for router in routers for route in router.routes]
-    app.add_middleware(  # innermost: the body limit and everything outside it apply
-        ModelEndpoints, routes=[route for route in model_routes if isinstance(route, ModelRoute)]
-    )
+    model_routes = [
+        route for router in routers for route in router.routes if isinstance(route, ModelRoute)
+    ]
+    # innermost: the body limit and everything outside it apply to the model endpoints too
+    app.add_middleware(ModelEndpoints, routes=model_routes)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes)
     app.add_middleware(HeadMiddleware)
     if settings.cors_origins:

@@ -204,7 +204,7 @@ def blur_recon_contrast(x: F32, mean: F32) -> F64:
 
 
 def anomaly_map(x: F32, mean: F32) -> F64:
-    """Per-pixel terms of `blur_recon_energy`: `blurred_error / (contrast_energy(x) + 0.1)`.
+    """Per-pixel terms of `blur_recon_energy`: `blurred_error / (contrast_energy + ENERGY_FLOOR)`.
 
     `x, mean (B, C, H, W)` -> `(B, H, W)`; each map sums to the image's blur_recon_energy.
     """
@@ -213,7 +213,7 @@ def anomaly_map(x: F32, mean: F32) -> F64:
 
 
 def blur_recon_energy(x: F32, mean: F32) -> F64:
-    """`sum(blur(x - mean)^2) / (contrast_energy(x) + 0.1)` per image -> `(B,)`.
+    """`sum(blur(x - mean)^2) / (contrast_energy(x) + ENERGY_FLOOR)` per image -> `(B,)`.
 
     `mean` is the decoder's mean at `z = mu`. The blurred error over the image's own squared
     contrast against its background: unchanged by polarity and by the colours of stroke and
@@ -221,8 +221,7 @@ def blur_recon_energy(x: F32, mean: F32) -> F64:
     instead of the likelihood's low one (Nalisnick et al. 2019). docs/BUNDLE.md and
     BENCHMARKS.md section 2 give the evidence.
     """
-    energy = contrast_energy(x) + ENERGY_FLOOR
-    score: F64 = np.sum(blurred_error(x, mean), axis=(-2, -1)) / energy
+    score: F64 = np.sum(anomaly_map(x, mean), axis=(-2, -1))  # the map's terms, summed
     return score
 
 
