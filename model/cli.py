@@ -148,8 +148,8 @@ def _train_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--resume", help="checkpoint to resume from (same run, same schedule)")
     p.add_argument(
         "--init-from",
-        help="start from a checkpoint's weights with a new optimizer "
-        "and schedule (fine-tuning, e.g. with --objective iwae)",
+        help="start from the weights of a checkpoint or of a bundle folder from `vae export`, "
+        "with a new optimizer and schedule (fine-tuning, e.g. with --objective iwae)",
     )
     _common(p)
     return p

@@ -11,6 +11,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import shutil
 import tempfile
 import warnings
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 
 from model.calibrate import calibrate
+from model.config import VAEConfig
 from model.networks import VAE
 
 log = logging.getLogger(__name__)
@@ -73,6 +75,42 @@ class _EncoderOnly(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.encoder(x)  # type: ignore[no-any-return]
+
+
+def bundle_weights(bundle: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The network config and torch weights of a bundle written by `export_bundle`.
+
+    The exporter keeps each parameter's name on its ONNX initializer, so the weights come back
+    exactly; a learned sigma comes from the manifest. This is what lets `vae train --init-from`
+    fine-tune a bundle whose checkpoint is gone.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    manifest_path = bundle / "manifest.json"
+    if not manifest_path.is_file():
+        raise FileNotFoundError(f"{bundle} is not a bundle: it has no manifest.json")
+    manifest = json.loads(manifest_path.read_text())
+    config = manifest["config"]
+    expected = VAE(VAEConfig.from_dict(config)).state_dict()
+    found: dict[str, torch.Tensor] = {}
+    for name in ("encoder.onnx", "decoder.onnx"):
+        graph = onnx.load(str(bundle / name)).graph
+        for init in graph.initializer:
+            if init.name in expected:
+                found[init.name] = torch.from_numpy(numpy_helper.to_array(init).copy())
+    sigma = manifest["sigma"] if manifest.get("sigma") is not None else config["sigma"]
+    found["log_sigma"] = torch.tensor(math.log(sigma))  # learned sigma: the manifest's value
+    missing = sorted(set(expected) - set(found))
+    if missing:
+        raise ValueError(f"{bundle}: the ONNX files lack the weights {', '.join(missing)}")
+    for key, value in found.items():
+        if value.shape != expected[key].shape:
+            raise ValueError(
+                f"{bundle}: {key} has shape {tuple(value.shape)} in the ONNX files, "
+                f"but the manifest's config gives {tuple(expected[key].shape)}"
+            )
+    return config, found
 
 
 @torch.no_grad()

@@ -20,6 +20,7 @@ from tqdm import tqdm
 from model import data as data_mod
 from model.config import VAEConfig
 from model.evaluate import bounds
+from model.export import bundle_weights
 from model.networks import VAE
 from model.objective import elbo, iwae, iwae_dreg
 
@@ -226,7 +227,11 @@ def train(cfg: VAEConfig, tc: TrainConfig, full: data_mod.Dataset | None = None)
     start_epoch, best, history, since_best = 1, -math.inf, [], 0
 
     def matching_checkpoint(path: str, flag: str) -> dict[str, Any]:
-        ckpt = load_checkpoint(Path(path))
+        if flag == "--init-from" and Path(path).is_dir():  # a bundle from `vae export`
+            config, weights = bundle_weights(Path(path))
+            ckpt = {"config": config, "model": weights}
+        else:
+            ckpt = load_checkpoint(Path(path))
         asked = cfg.to_dict()
         if ckpt["config"] != asked:
             differ = {k: (v, asked.get(k)) for k, v in ckpt["config"].items() if asked.get(k) != v}

@@ -15,6 +15,7 @@ import torch
 from model import data as data_mod
 from model.cli import build_parser, main
 from model.evaluate import bounds
+from model.export import bundle_weights
 from model.train import load_checkpoint, model_from_checkpoint
 from tests.conftest import colour_folder
 
@@ -170,6 +171,46 @@ def test_iwae_fine_tuning_from_weights(run: Path, tmp_path: Path) -> None:
     expected = bounds(model.eval(), val.images, 4, ckpt["train"]["seed"], True, batch_size=1000)
     assert row["val_bound"] == pytest.approx(expected["iwae"], rel=1e-6)
     assert row["val_elbo"] == pytest.approx(expected["elbo"], rel=1e-6)
+
+
+def test_fine_tuning_from_a_bundle_equals_from_its_checkpoint(
+    run: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """--init-from takes a bundle folder from `vae export`: its ONNX files give back the
+    checkpoint's exact weights, so fine-tuning from the bundle or from the checkpoint gives the
+    same weights; a bundle of another shape or a folder that is no bundle is refused by name."""
+    bundle = tmp_path / "bundle"
+    export = ["export", str(run / "checkpoint_best.pt"), "--out", str(bundle)]
+    assert main([*export, "--name", "digits", "--calibration-k", "2"]) == 0
+    config, weights = bundle_weights(bundle)
+    ckpt = load_checkpoint(run / "checkpoint_best.pt")
+    assert config == ckpt["config"]
+    assert weights.keys() == ckpt["model"].keys()
+    for key, value in ckpt["model"].items():
+        assert torch.equal(weights[key], value), key
+
+    args = ["train", *DIGITS, "--epochs", "1", "--objective", "iwae", "--iwae-k", "2"]
+    assert main([*args, "--out", str(tmp_path / "a"), "--init-from", str(bundle)]) == 0
+    best = str(run / "checkpoint_best.pt")
+    assert main([*args, "--out", str(tmp_path / "b"), "--init-from", best]) == 0
+    a = load_checkpoint(tmp_path / "a" / "checkpoint_last.pt")["model"]
+    b = load_checkpoint(tmp_path / "b" / "checkpoint_last.pt")["model"]
+    assert all(torch.equal(a[key], b[key]) for key in a)
+
+    other = ["train", *DIGITS, "--epochs", "1"]
+    other[other.index("--hidden-dims") + 1] = "24"
+    assert main([*other, "--out", str(tmp_path / "c"), "--init-from", str(bundle)]) == 2
+    assert "model differs; set --hidden-dims (checkpoint [32], asked [24])" in caplog.text
+    assert main([*args, "--out", str(tmp_path / "d"), "--init-from", str(tmp_path)]) == 2
+    assert f"{tmp_path} is not a bundle: it has no manifest.json" in caplog.text
+    assert not (tmp_path / "c").exists() and not (tmp_path / "d").exists()
+
+
+def test_bundle_weights_keep_a_learned_sigma(tiny_gaussian_bundle: Path) -> None:
+    """A learned Gaussian sigma is not in the ONNX files: it comes from the manifest."""
+    manifest = json.loads((tiny_gaussian_bundle / "manifest.json").read_text())
+    _, weights = bundle_weights(tiny_gaussian_bundle)
+    assert math.exp(float(weights["log_sigma"])) == pytest.approx(manifest["sigma"], rel=1e-6)
 
 
 def test_iwae_objective_trains(tmp_path: Path) -> None:
