@@ -136,13 +136,16 @@ class JSONRoute(APIRoute):
         return route_handler
 
 
-async def read_json(request: Request) -> Any:
-    """Parse the JSON body; 422 in FastAPI's format when it is missing or not JSON."""
+async def read_json(request: Request, model: type[Q]) -> Q:
+    """The JSON body validated as `model`, both steps off the event loop when the body is large
+    (parse_body); 422 in FastAPI's format when it is missing, not JSON or not valid."""
     body = await request.body()
     if not body:
         raise invalid(("body",), "Field required", "missing")
     try:
-        return await load_json(body)
+        return await parse_body(body, lambda data: model.model_validate(json.loads(data)))
+    except ValidationError as exc:
+        raise body_errors(exc) from None
     except RecursionError:
         raise invalid(("body",), "JSON nested too deeply") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -316,10 +319,7 @@ async def _read_batch(request: Request, settings: Settings, runtime: Runtime) ->
     if kind == "multipart/form-data":
         uploads = await _multipart_uploads(request, settings)
     elif is_json(kind):
-        try:
-            body = ImagesRequest.model_validate(await read_json(request))
-        except ValidationError as exc:
-            raise body_errors(exc) from None
+        body = await read_json(request, ImagesRequest)
         if body.pixels is not None:
             _check_count(len(body.pixels), settings, "pixels")
             return await off_loop(len(body.pixels), _prepare_arrays, body.pixels, shape, settings)

@@ -4,10 +4,9 @@ from typing import Annotated
 
 import numpy as np
 from fastapi import APIRouter, Query, Request, Response
-from pydantic import ValidationError
 
 from service.deps import Served, ServedDep
-from service.parsing import body_errors, invalid, read_json, require_json
+from service.parsing import invalid, read_json, require_json
 from service.rendering import IMAGE_RESPONSES, ImageQuery, render_images, response_format
 from service.routing import ModelRoute
 from service.runtime import F32, off_loop
@@ -23,10 +22,7 @@ Z_MAX = 1e4
 async def read_z(request: Request, served: Served) -> F32:
     """The request's z as float32 `(B, D)`, each row checked against the model's latent_dim."""
     await require_json(request)
-    try:
-        body = DecodeRequest.model_validate(await read_json(request))
-    except ValidationError as exc:
-        raise body_errors(exc) from None
+    body = await read_json(request, DecodeRequest)
     d = served.runtime.manifest.latent_dim
     for i, row in enumerate(body.z):
         if len(row) != d:

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from pydantic import BaseModel
 
 import service.parsing
 from service.bundle import Bundle
@@ -19,6 +20,7 @@ from service.errors import MAX_JSON_BYTES
 from service.main import create_app
 from service.memory import RELEASE_ROWS
 from service.parsing import INLINE_BODY_BYTES
+from service.schemas import DecodeRequest, ImagesRequest
 from service.settings import Settings
 from tests.service.conftest import MakeClient
 from tests.service.helpers import encode, files, rewrite_manifest, stroke
@@ -137,10 +139,15 @@ def test_malformed_multipart_gets_a_4xx_naming_it_and_no_log(
 
 
 @pytest.mark.parametrize(
-    "method, path, body",
+    "method, path, body, model",
     [
-        ("POST", "/decode", lambda rows: {"z": [[0.25] * 8] * rows}),
-        ("POST", "/encode", lambda rows: {"pixels": [[[0.5] * 28] * 28] * (rows // 100)}),
+        ("POST", "/decode", lambda rows: {"z": [[0.25] * 8] * rows}, DecodeRequest),
+        (
+            "POST",
+            "/encode",
+            lambda rows: {"pixels": [[[0.5] * 28] * 28] * (rows // 100)},
+            ImagesRequest,
+        ),
         (
             "POST",
             "/v2/models/tiny-bernoulli-decoder/infer",
@@ -149,27 +156,46 @@ def test_malformed_multipart_gets_a_4xx_naming_it_and_no_log(
                     {"name": "z", "shape": [rows, 8], "datatype": "FP32", "data": [0.25] * 8 * rows}
                 ]
             },
+            None,  # FastAPI validates the body parameter itself
         ),
     ],
     ids=["decode", "encode-pixels", "v2-infer"],
 )
 def test_large_json_bodies_are_parsed_off_the_event_loop(
-    client: TestClient, monkeypatch: pytest.MonkeyPatch, method: str, path: str, body: Any
+    client: TestClient,
+    monkeypatch: pytest.MonkeyPatch,
+    method: str,
+    path: str,
+    body: Any,
+    model: type[BaseModel] | None,
 ) -> None:
-    """A JSON body over INLINE_BODY_BYTES is parsed in a worker thread (no running event loop
-    there), a small one on the loop; both answer the same."""
+    """A JSON body over INLINE_BODY_BYTES is parsed, and for the model endpoints validated, in a
+    worker thread (no running event loop there), a small one on the loop; both answer the same."""
     on_loop: list[bool] = []
+    validated_on_loop: list[bool] = []
+
+    def running_loop() -> bool:
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return False
+        return True
+
     loads = json.loads
 
     def recording_loads(data: Any, **kwargs: Any) -> Any:
-        try:
-            asyncio.get_running_loop()
-            on_loop.append(True)
-        except RuntimeError:
-            on_loop.append(False)
+        on_loop.append(running_loop())
         return loads(data, **kwargs)
 
     monkeypatch.setattr("service.parsing.json.loads", recording_loads)
+    if model is not None:
+        validate = model.model_validate
+
+        def recording_validate(obj: Any) -> Any:
+            validated_on_loop.append(running_loop())
+            return validate(obj)
+
+        monkeypatch.setattr(model, "model_validate", recording_validate)
     small, large = json.dumps(body(200)), json.dumps(body(4000))
     assert len(small) <= INLINE_BODY_BYTES < len(large) <= MAX_JSON_BYTES
     for content in (small, large):
@@ -178,6 +204,7 @@ def test_large_json_bodies_are_parsed_off_the_event_loop(
         )
         assert answer.status_code == 200, answer.text
     assert on_loop == [True, False]
+    assert validated_on_loop == ([] if model is None else [True, False])
 
 
 def test_large_multipart_bodies_are_parsed_off_the_event_loop(
