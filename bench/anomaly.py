@@ -38,7 +38,7 @@ from sklearn.metrics import roc_auc_score
 
 from bench import serving
 from bench.common import REPO, machine, now, require_mnist
-from bench.oneclass_models import EPOCHS, apply_variant, mnist_pixels, train_and_export
+from bench.oneclass_models import RECIPES, apply_variant, mnist_pixels, train_and_export
 from bench.ood_battery import battery
 from service.settings import DEFAULT_BUNDLE
 
@@ -142,7 +142,8 @@ def oneclass(args: argparse.Namespace) -> dict[str, Any]:
         results[variant] = rows
     print(f"# one-class MNIST AUROC (%), {now()}, {machine()}")
     print(
-        f"# MLP VAE {args.latent_dim} latent, epochs per class {args.epochs or EPOCHS}; "
+        f"# VAE {args.latent_dim} latent, (network, epochs) per variant "
+        f"{args.epochs or RECIPES}; "
         f"POST /elbo, each bundle's default score; {time.perf_counter() - t0:.0f} s\n"
     )
     for variant, rows in results.items():
@@ -234,7 +235,7 @@ def main() -> None:
     one = sub.add_parser("oneclass", help="the one-class MNIST protocol and its variants")
     one.add_argument("--variants", default="plain,inverted,rgb")
     one.add_argument("--digits", default="0,1,2,3,4,5,6,7,8,9")
-    one.add_argument("--epochs", type=int, help="default: per variant, " + str(EPOCHS))
+    one.add_argument("--epochs", type=int, help="default: per variant, " + str(RECIPES))
     one.add_argument("--latent-dim", type=int, default=16)
     one.add_argument("--cache", type=Path, default=REPO / "runs" / "bench-anomaly")
     battery_parser = sub.add_parser("ood", help="the OOD battery against one bundle")
