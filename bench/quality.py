@@ -1,6 +1,7 @@
 """Model quality: test ELBO and IWAE NLL (nats) on dynamically binarised MNIST, beside the papers.
 
     python -m bench.quality runs/mnist-mlp/checkpoint_best.pt [more checkpoints] --k 1000
+    python -m bench.quality service/bundles/mnist --k 1000     # a bundle: its ONNX files' weights
 
 Each checkpoint is evaluated on the MNIST test set, each image binarised once with a fixed seed.
 """

@@ -209,7 +209,9 @@ def _evaluate_parser(sub: Any) -> None:
         help="test ELBO and IWAE log-likelihood",
         formatter_class=HelpFormatter,
     )
-    p.add_argument("checkpoint", type=Path, help="a checkpoint written by vae train")
+    p.add_argument(
+        "checkpoint", type=Path, help="a checkpoint written by vae train, or a bundle folder"
+    )
     p.add_argument("--data", help="test data (default: the training data's test split)")
     p.add_argument("--k", type=int, default=1000, help="IWAE samples per image")
     p.add_argument(
@@ -289,6 +291,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    if args.checkpoint.is_dir():
+        raise ValueError(
+            f"{args.checkpoint} is a bundle, not a run's checkpoint: `vae calibrate` "
+            "recalibrates a bundle"
+        )
     model, ckpt = model_from_checkpoint(args.checkpoint)
     cfg = model.cfg
     source = _data_source(ckpt, args.data)

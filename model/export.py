@@ -77,12 +77,14 @@ class _EncoderOnly(torch.nn.Module):
         return self.encoder(x)  # type: ignore[no-any-return]
 
 
-def bundle_weights(bundle: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """The network config and torch weights of a bundle written by `export_bundle`.
+def bundle_checkpoint(bundle: Path) -> dict[str, Any]:
+    """A bundle written by `export_bundle`, as `load_checkpoint` gives a checkpoint: the network's
+    config and weights, and what the manifest records of the data and the training.
 
     The exporter keeps each parameter's name on its ONNX initializer, so the weights come back
-    exactly; a learned sigma comes from the manifest. This is what lets `vae train --init-from`
-    fine-tune a bundle whose checkpoint is gone.
+    exactly; a learned sigma comes from the manifest. This is what lets `vae evaluate`,
+    bench.quality and `vae train --init-from` take a bundle whose checkpoint is gone. It has no
+    optimizer state or history: `--resume` and `vae export` still need a run's checkpoint.
     """
     import onnx
     from onnx import numpy_helper
@@ -110,7 +112,21 @@ def bundle_weights(bundle: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor
                 f"{bundle}: {key} has shape {tuple(value.shape)} in the ONNX files, "
                 f"but the manifest's config gives {tuple(expected[key].shape)}"
             )
-    return config, found
+    data, training = manifest.get("data") or {}, manifest.get("training") or {}
+    return {
+        "config": config,
+        "model": found,
+        "epoch": training.get("epochs"),
+        "data": data,
+        "train": {
+            "data": data.get("source"),
+            "classes": data.get("classes"),
+            "binarize": data.get("binarize", "none"),
+            "val_size": data.get("val_images"),
+            "seed": training.get("seed", 0),
+            "objective": training.get("objective"),
+        },
+    }
 
 
 @torch.no_grad()

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from model import data as data_mod
 from model.config import VAEConfig
 from model.evaluate import bounds
-from model.export import bundle_weights
+from model.export import bundle_checkpoint
 from model.networks import VAE
 from model.objective import elbo, iwae, iwae_dreg
 
@@ -94,8 +94,11 @@ def _save_atomic(obj: Any, path: Path) -> None:
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Load a checkpoint written by `train`, with a clear error when it is not one."""
+    """Load a checkpoint written by `train`, or a bundle folder's weights (bundle_checkpoint),
+    with a clear error when it is neither."""
     path = Path(path)
+    if path.is_dir():
+        return bundle_checkpoint(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
@@ -227,11 +230,7 @@ def train(cfg: VAEConfig, tc: TrainConfig, full: data_mod.Dataset | None = None)
     start_epoch, best, history, since_best = 1, -math.inf, [], 0
 
     def matching_checkpoint(path: str, flag: str) -> dict[str, Any]:
-        if flag == "--init-from" and Path(path).is_dir():  # a bundle from `vae export`
-            config, weights = bundle_weights(Path(path))
-            ckpt = {"config": config, "model": weights}
-        else:
-            ckpt = load_checkpoint(Path(path))
+        ckpt = load_checkpoint(Path(path))
         asked = cfg.to_dict()
         if ckpt["config"] != asked:
             differ = {k: (v, asked.get(k)) for k, v in ckpt["config"].items() if asked.get(k) != v}
@@ -245,6 +244,11 @@ def train(cfg: VAEConfig, tc: TrainConfig, full: data_mod.Dataset | None = None)
         return ckpt
 
     if tc.resume:
+        if Path(tc.resume).is_dir():
+            raise ValueError(
+                f"--resume {tc.resume} is a bundle: it holds weights, not a run's optimizer "
+                "and schedule; --init-from starts from its weights"
+            )
         ckpt = matching_checkpoint(tc.resume, "--resume")
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])

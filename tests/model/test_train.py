@@ -15,7 +15,6 @@ import torch
 from model import data as data_mod
 from model.cli import build_parser, main
 from model.evaluate import bounds
-from model.export import bundle_weights
 from model.train import load_checkpoint, model_from_checkpoint
 from tests.conftest import colour_folder
 
@@ -182,12 +181,15 @@ def test_fine_tuning_from_a_bundle_equals_from_its_checkpoint(
     bundle = tmp_path / "bundle"
     export = ["export", str(run / "checkpoint_best.pt"), "--out", str(bundle)]
     assert main([*export, "--name", "digits", "--calibration-k", "2"]) == 0
-    config, weights = bundle_weights(bundle)
+    from_bundle = load_checkpoint(bundle)
     ckpt = load_checkpoint(run / "checkpoint_best.pt")
-    assert config == ckpt["config"]
-    assert weights.keys() == ckpt["model"].keys()
+    assert from_bundle["config"] == ckpt["config"]
+    assert from_bundle["model"].keys() == ckpt["model"].keys()
     for key, value in ckpt["model"].items():
-        assert torch.equal(weights[key], value), key
+        assert torch.equal(from_bundle["model"][key], value), key
+    assert from_bundle["epoch"] == ckpt["epoch"]
+    for key in ("data", "classes", "binarize", "seed", "objective"):
+        assert from_bundle["train"][key] == ckpt["train"][key], key
 
     args = ["train", *DIGITS, "--epochs", "1", "--objective", "iwae", "--iwae-k", "2"]
     assert main([*args, "--out", str(tmp_path / "a"), "--init-from", str(bundle)]) == 0
@@ -203,13 +205,35 @@ def test_fine_tuning_from_a_bundle_equals_from_its_checkpoint(
     assert "model differs; set --hidden-dims (checkpoint [32], asked [24])" in caplog.text
     assert main([*args, "--out", str(tmp_path / "d"), "--init-from", str(tmp_path)]) == 2
     assert f"{tmp_path} is not a bundle: it has no manifest.json" in caplog.text
-    assert not (tmp_path / "c").exists() and not (tmp_path / "d").exists()
+    assert main([*args, "--out", str(tmp_path / "e"), "--resume", str(bundle)]) == 2
+    assert f"--resume {bundle} is a bundle: it holds weights, not a run's optimizer" in caplog.text
+    assert main(["export", str(bundle), "--out", str(tmp_path / "f")]) == 2
+    assert f"{bundle} is a bundle, not a run's checkpoint: `vae calibrate`" in caplog.text
+    for name in "cdef":
+        assert not (tmp_path / name).exists()
+
+
+def test_evaluate_a_bundle_as_its_checkpoint(
+    run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`vae evaluate BUNDLE` gives the figures of the checkpoint it was exported from."""
+    bundle = tmp_path / "bundle"
+    export = ["export", str(run / "checkpoint_best.pt"), "--out", str(bundle)]
+    assert main([*export, "--name", "digits", "--calibration-k", "2"]) == 0
+    capsys.readouterr()
+    results = []
+    for source in (run / "checkpoint_best.pt", bundle):
+        assert main(["evaluate", str(source), "--k", "4", "--images", "60"]) == 0
+        results.append(json.loads(capsys.readouterr().out))
+    assert results[0]["test_images"] == 60
+    for key, value in results[0].items():
+        assert results[1][key] == pytest.approx(value, rel=1e-6), key
 
 
 def test_bundle_weights_keep_a_learned_sigma(tiny_gaussian_bundle: Path) -> None:
     """A learned Gaussian sigma is not in the ONNX files: it comes from the manifest."""
     manifest = json.loads((tiny_gaussian_bundle / "manifest.json").read_text())
-    _, weights = bundle_weights(tiny_gaussian_bundle)
+    weights = load_checkpoint(tiny_gaussian_bundle)["model"]
     assert math.exp(float(weights["log_sigma"])) == pytest.approx(manifest["sigma"], rel=1e-6)
 
 
