@@ -42,6 +42,7 @@ from pydantic import ValidationError
 from service.bundle import Bundle, BundleError, Manifest, ScoreName, load_bundle
 from service.imaging import ImageError, decode_image, fit_array, read_npy
 from service.metrics import Metrics
+from service.objective import RECONSTRUCTION_SCORES
 from service.runtime import F32, NotFinite, Runtime, available_cpus
 from service.settings import Device, Settings
 from service.verdict import ThresholdSource, Verdict, score_draws, threshold_for
@@ -466,13 +467,15 @@ def resolve_options(args: argparse.Namespace, bundle: Bundle, settings: Settings
     except ValueError as exc:
         raise SourceError(f"--score {score}: {exc}") from None
     threshold, source = threshold_for(runtime, settings, score, args.threshold)
-    # network rows per image, as Runtime.evaluate counts them: its draws, and one for a map
-    rows = max(args.samples, args.k or 0, draws, 1) + args.map
+    # network rows per image, as Runtime.evaluate counts them: its draws, and one at z = mu for
+    # a map or a score of the reconstruction
+    at_mu = args.map or score in RECONSTRUCTION_SCORES
+    rows = max(args.samples, args.k or 0, draws, 1) + at_mu
     if rows > settings.max_rows:  # POST /elbo would refuse every image
+        extra = ", + 1 for --map" if args.map else f", + 1 for {score}'s reconstruction"
         raise SourceError(
             f"each image needs {rows} network rows (the most of --samples, --k and the score's "
-            f"draws{', + 1 for --map' if args.map else ''}), over the limit of "
-            f"{settings.max_rows} (VAE_MAX_ROWS)"
+            f"draws{extra if at_mu else ''}), over the limit of {settings.max_rows} (VAE_MAX_ROWS)"
         )
     return Options(
         bundle=args.bundle.resolve(),

@@ -205,10 +205,11 @@ class Runtime:
         """
         b, d = len(x), self.manifest.latent_dim
         n = max(samples, k or 0, score_draws)
-        # a map is one more image-sized row per image, in memory and in the answer
-        rows = b * (n + anomaly_map)
-        draws = f"({n} draws + 1 map)" if anomaly_map else f"{n} draws"
-        self.check_rows(rows, f"{b} images x {draws}")
+        # a score of the reconstruction or a map decodes one more row per image, at z = mu
+        at_mu = score in objective.RECONSTRUCTION_SCORES or anomaly_map
+        rows = b * (n + at_mu)
+        extra = " + 1 map" if anomaly_map else " + 1 reconstruction"
+        self.check_rows(rows, f"{b} images x " + (f"({n} draws{extra})" if at_mu else f"{n} draws"))
         mu, logvar = await self.encode(x)  # (B, D) each
 
         def draw() -> tuple[F32, F32]:
@@ -218,7 +219,6 @@ class Runtime:
         eps, z = await off_loop(b * n, draw)
         # the draws' rows, and for a score of the reconstruction or a map the B rows of z = mu
         # behind them, decoded in one call: (n * B [+ B], C, H, W)
-        at_mu = score in objective.RECONSTRUCTION_SCORES or anomaly_map
         rows_in = z.reshape(n * b, d)
         (out,) = await self.decoder(np.concatenate([rows_in, mu]) if at_mu else rows_in)
         mean = await off_loop(b, self._mean, out[n * b :]) if at_mu else None

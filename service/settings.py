@@ -38,7 +38,8 @@ class Settings(BaseSettings):
         ge=1,
         le=1_000_000,
         description="per-request compute budget in network rows: images x draws for /elbo "
-        "(the most of samples, k and the score's draws; one more with map), images for /encode "
+        "(the most of samples, k and the score's draws; one more for a map or a score of the "
+        "reconstruction), images for /encode "
         "and /reconstruct, "
         "z rows for /decode, n for /sample, steps for /interpolate (422 above)",
     )

@@ -353,6 +353,22 @@ def test_map_counts_in_the_row_budget(limited: TestClient) -> None:
     assert limited.post("/elbo", params={"k": 10}, files=files(PNG, PNG)).status_code == 200
 
 
+def test_a_score_of_the_reconstruction_counts_in_the_row_budget(limited: TestClient) -> None:
+    """A score of the reconstruction decodes one more row per image, at z = mu: 2 images x (9
+    draws + 1) = 20 rows fit VAE_MAX_ROWS=20, 2 x (10 + 1) do not; a map shares that row."""
+    for score in ("recon_error", "blur_recon_energy"):
+        params = {"score": score, "k": 9}
+        assert limited.post("/elbo", params=params, files=files(PNG, PNG)).status_code == 200
+        check(
+            limited.post("/elbo", params={"score": score, "k": 10}, files=files(PNG, PNG)),
+            422,
+            "request: this request needs 2 images x (10 draws + 1 reconstruction) = 22 network "
+            "rows, over the per-request budget of 20 rows (VAE_MAX_ROWS)",
+        )
+    params = {"score": "blur_recon_energy", "k": 9, "map": "array"}
+    assert limited.post("/elbo", params=params, files=files(PNG, PNG)).status_code == 200
+
+
 @pytest.mark.parametrize(
     "params, expected",
     [

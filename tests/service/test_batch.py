@@ -244,8 +244,13 @@ def test_draws_over_the_servers_row_budget_are_refused_and_bound_the_batch(
 ) -> None:
     monkeypatch.setenv("VAE_MAX_ROWS", "1000")
     assert scorer_options(bundle).batch_size == batch.BATCH_IMAGES
-    assert scorer_options(bundle, k=100).batch_size == 10  # 10 images x 100 draws per call
-    assert scorer_options(bundle, k=99, map=True).batch_size == 10  # + 1 row for the map
+    draws_only = {"score": "neg_elbo"}
+    assert scorer_options(bundle, k=100, **draws_only).batch_size == 10  # 10 images x 100 draws
+    # a map, or a score of the reconstruction (the shipped default), decodes one more row per
+    # image at z = mu: both share it
+    assert scorer_options(bundle, k=99, map=True, **draws_only).batch_size == 10
+    assert scorer_options(bundle, k=99).batch_size == 10
+    assert scorer_options(bundle, k=99, map=True).batch_size == 10
     with pytest.raises(
         batch.SourceError,
         match=(
@@ -253,7 +258,7 @@ def test_draws_over_the_servers_row_budget_are_refused_and_bound_the_batch(
             r"draws\), over the limit of 1000 \(VAE_MAX_ROWS\)$"
         ),
     ):
-        scorer_options(bundle, k=1001)
+        scorer_options(bundle, k=1001, **draws_only)
     with pytest.raises(
         batch.SourceError,
         match=(
@@ -262,6 +267,15 @@ def test_draws_over_the_servers_row_budget_are_refused_and_bound_the_batch(
         ),
     ):
         scorer_options(bundle, k=1000, map=True)
+    with pytest.raises(
+        batch.SourceError,
+        match=(
+            r"^each image needs 1001 network rows \(the most of --samples, --k and the score's "
+            r"draws, \+ 1 for recon_error's reconstruction\), over the limit of 1000 "
+            r"\(VAE_MAX_ROWS\)$"
+        ),
+    ):
+        scorer_options(bundle, k=1000, score="recon_error")
     big = batch.Scorer(scorer_options(bundle, k=99, map=True))  # 10 images x 100 rows a call
     images = np.random.default_rng(2).integers(0, 256, (12, 28, 28), dtype=np.uint8)
     out = big(batch._rows([str(i) for i in range(12)], [png(im) for im in images], [None] * 12))
