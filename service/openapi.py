@@ -18,8 +18,6 @@ from service.routes.decode import Z_MAX
 from service.schemas import DecodeRequest
 from service.settings import Settings
 
-# query parameters bounded by a setting, with the setting's name for the description
-# (none since one VAE_MAX_ROWS budget bounds images x draws as a whole)
 # query parameters whose value alone counts in the per-request row budget: at most VAE_MAX_ROWS
 # (with more than one image, /elbo's samples and k meet the budget sooner: a 422 names it)
 QUERY_LIMITS: dict[str, tuple[str, str]] = {
