@@ -88,7 +88,8 @@ def test_elbo_matches_an_upload(vae: VAEClient, server: httpx.Client) -> None:
 
 def test_errors_carry_the_servers_detail(vae: VAEClient) -> None:
     with pytest.raises(
-        VAEError, match=r"^422: request: .*= 10000 network rows.*VAE_MAX_ROWS"
+        VAEError,
+        match=r"^422: request: .*\(5000 draws \+ 1 reconstruction\) = 10002 network rows.*VAE_MAX",
     ) as info:
         vae.elbo(np.zeros((2, 28, 28), np.uint8), k=5000)
     assert info.value.status == 422
