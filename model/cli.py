@@ -18,7 +18,7 @@ from model.config import VAEConfig
 from model.evaluate import evaluate
 from model.export import export_bundle
 from model.train import TrainConfig, model_from_checkpoint, pick_device, previous_run, train
-from service.bundle import SCORE_NAMES
+from service.bundle import SCORE_NAMES, BundleError
 from service.cli import HelpFormatter
 
 log = logging.getLogger("vae")
@@ -418,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
             "evaluate": cmd_evaluate,
         }
         return commands[args.command](args)
-    except (data_mod.DataError, ValueError, FileNotFoundError, FileExistsError) as e:
+    except (data_mod.DataError, BundleError, ValueError, FileNotFoundError, FileExistsError) as e:
         log.error("%s", e)
         return 2
 

@@ -24,6 +24,7 @@ import torch
 from model.calibrate import calibrate
 from model.config import VAEConfig
 from model.networks import VAE
+from service.bundle import DECODER_FILE, ENCODER_FILE, read_manifest, verify_file
 
 log = logging.getLogger(__name__)
 
@@ -89,19 +90,19 @@ def bundle_checkpoint(bundle: Path) -> dict[str, Any]:
     import onnx
     from onnx import numpy_helper
 
-    manifest_path = bundle / "manifest.json"
-    if not manifest_path.is_file():
+    if not (bundle / "manifest.json").is_file():
         raise FileNotFoundError(f"{bundle} is not a bundle: it has no manifest.json")
-    manifest = json.loads(manifest_path.read_text())
-    config = manifest["config"]
+    manifest = read_manifest(bundle)  # validated as the server validates it
+    config = manifest.config
     expected = VAE(VAEConfig.from_dict(config)).state_dict()
     found: dict[str, torch.Tensor] = {}
-    for name in ("encoder.onnx", "decoder.onnx"):
+    for name in (ENCODER_FILE, DECODER_FILE):
+        verify_file(bundle / name, manifest.files[name])  # size and SHA-256, as the server does
         graph = onnx.load(str(bundle / name)).graph
         for init in graph.initializer:
             if init.name in expected:
                 found[init.name] = torch.from_numpy(numpy_helper.to_array(init).copy())
-    sigma = manifest["sigma"] if manifest.get("sigma") is not None else config["sigma"]
+    sigma = manifest.sigma if manifest.sigma is not None else config["sigma"]
     found["log_sigma"] = torch.tensor(math.log(sigma))  # learned sigma: the manifest's value
     missing = sorted(set(expected) - set(found))
     if missing:
@@ -112,7 +113,7 @@ def bundle_checkpoint(bundle: Path) -> dict[str, Any]:
                 f"{bundle}: {key} has shape {tuple(value.shape)} in the ONNX files, "
                 f"but the manifest's config gives {tuple(expected[key].shape)}"
             )
-    data, training = manifest.get("data") or {}, manifest.get("training") or {}
+    data, training = manifest.data, manifest.training
     return {
         "config": config,
         "model": found,

@@ -7,6 +7,7 @@ import csv
 import json
 import logging
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -209,7 +210,15 @@ def test_fine_tuning_from_a_bundle_equals_from_its_checkpoint(
     assert f"--resume {bundle} is a bundle: it holds weights, not a run's optimizer" in caplog.text
     assert main(["export", str(bundle), "--out", str(tmp_path / "f")]) == 2
     assert f"{bundle} is a bundle, not a run's checkpoint: `vae calibrate`" in caplog.text
-    for name in "cdef":
+    # its files are checked as the server checks them: a changed ONNX file is refused by name
+    tampered = tmp_path / "tampered"
+    shutil.copytree(bundle, tampered)
+    onnx_file = tampered / "decoder.onnx"
+    data = onnx_file.read_bytes()
+    onnx_file.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # one bit of the last byte
+    assert main([*args, "--out", str(tmp_path / "g"), "--init-from", str(tampered)]) == 2
+    assert f"{onnx_file} fails its SHA-256 check against manifest.json" in caplog.text
+    for name in "cdefg":
         assert not (tmp_path / name).exists()
 
 
