@@ -42,8 +42,7 @@ from pydantic import ValidationError
 from service.bundle import Bundle, BundleError, Manifest, ScoreName, load_bundle
 from service.imaging import ImageError, decode_image, fit_array, read_npy
 from service.metrics import Metrics
-from service.objective import RECONSTRUCTION_SCORES
-from service.runtime import F32, NotFinite, Runtime, available_cpus
+from service.runtime import F32, NotFinite, Runtime, available_cpus, decodes_at_mu
 from service.settings import Device, Settings
 from service.verdict import ThresholdSource, Verdict, score_draws, threshold_for
 
@@ -469,7 +468,7 @@ def resolve_options(args: argparse.Namespace, bundle: Bundle, settings: Settings
     threshold, source = threshold_for(runtime, settings, score, args.threshold)
     # network rows per image, as Runtime.evaluate counts them: its draws, and one at z = mu for
     # a map or a score of the reconstruction
-    at_mu = args.map or score in RECONSTRUCTION_SCORES
+    at_mu = decodes_at_mu(score, args.map)
     rows = max(args.samples, args.k or 0, draws, 1) + at_mu
     if rows > settings.max_rows:  # POST /elbo would refuse every image
         extra = ", + 1 for --map" if args.map else f", + 1 for {score}'s reconstruction"

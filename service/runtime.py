@@ -107,6 +107,12 @@ def _prefix_decoder(z: F32, out: F32) -> objective.Decode:
     return decode
 
 
+def decodes_at_mu(score: ScoreName, anomaly_map: bool) -> bool:
+    """Whether an evaluation decodes one more row per image, at z = mu: for a score of the
+    reconstruction or a map (which share it). VAE_MAX_ROWS counts that row."""
+    return score in objective.RECONSTRUCTION_SCORES or anomaly_map
+
+
 class Runtime:
     """A loaded bundle, its two micro-batchers and the metrics its calls report to.
 
@@ -205,8 +211,7 @@ class Runtime:
         """
         b, d = len(x), self.manifest.latent_dim
         n = max(samples, k or 0, score_draws)
-        # a score of the reconstruction or a map decodes one more row per image, at z = mu
-        at_mu = score in objective.RECONSTRUCTION_SCORES or anomaly_map
+        at_mu = decodes_at_mu(score, anomaly_map)
         rows = b * (n + at_mu)
         extra = " + 1 map" if anomaly_map else " + 1 reconstruction"
         self.check_rows(rows, f"{b} images x " + (f"({n} draws{extra})" if at_mu else f"{n} draws"))
