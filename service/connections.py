@@ -8,15 +8,18 @@ connection and sends nothing, is never timed out. This protocol adds, per connec
 - the request line and headers at most MAX_HEAD_BYTES: 431 and the connection closed;
 - the head complete within HEAD_TIMEOUT_S of its first byte (of the connection's opening, for
   the first request): 408 and the connection closed;
-- no pause longer than BODY_IDLE_TIMEOUT_S while a request body is still arriving: closed (the
-  request sees a disconnect);
+- no pause longer than BODY_IDLE_TIMEOUT_S while a request body is still arriving, and the body
+  no slower on average than MIN_BODY_BYTES_PER_S after BODY_GRACE_S: closed (the request sees a
+  disconnect);
 - a body that keeps arriving after the answer (a 413 sent on its Content-Length, say) is read and
   dropped at most DRAIN_BYTES_PER_S: the client still gets its answer once it has sent its body,
   and a client that streams huge bodies for nothing costs the machine a bounded amount.
 
 A slow client still holds one connection until these run out; VAE_* cannot bound the number of
 connections, uvicorn's `limit_concurrency` does (service/cli.py), and a front proxy should carry
-the same limits (docs/DEPLOY.md).
+the same limits (docs/DEPLOY.md). Past that limit uvicorn answers 503, except to the health
+probes (PROBE_PATHS): a server whose connections a flood of slow clients holds is busy, not
+broken, and an orchestrator that restarted it would drop the requests it is serving.
 """
 
 import asyncio
@@ -33,6 +36,13 @@ MAX_HEAD_BYTES = 32 * 1024
 HEAD_TIMEOUT_S = 10.0
 # the longest silence in the middle of a body (nginx's client_body_timeout is 60 s)
 BODY_IDLE_TIMEOUT_S = 30.0
+# and the least average rate of a body after its first BODY_GRACE_S: Apache's mod_reqtimeout
+# default (body=20,MinRate=500), so that a client sending a byte just inside BODY_IDLE_TIMEOUT_S
+# cannot hold its connection for as long as it likes; 500 B/s is a 1 MB image in 33 minutes
+BODY_GRACE_S = 20.0
+MIN_BODY_BYTES_PER_S = 500
+# liveness and readiness probes (ours, deploy/; and KServe's), answered past limit_concurrency
+PROBE_PATHS = (b"/healthz", b"/readyz", b"/v2/health/live", b"/v2/health/ready")
 # after a refusal, what the client still sends is read and dropped this long before closing, so
 # that it reads the answer instead of a connection reset (nginx's lingering close)
 LINGER_S = 2.0
@@ -50,6 +60,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     max_head_bytes = MAX_HEAD_BYTES
     head_timeout_s = HEAD_TIMEOUT_S
     body_idle_timeout_s = BODY_IDLE_TIMEOUT_S
+    body_grace_s = BODY_GRACE_S
+    min_body_bytes_per_s = MIN_BODY_BYTES_PER_S
     drain_bytes_per_s = DRAIN_BYTES_PER_S
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -59,6 +71,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._tail = b""  # the last bytes seen, for a head end split over two reads
         self._timer: asyncio.TimerHandle | None = None
         self._refused = False
+        self._body_deadline = 0.0  # when the body must be complete at the least rate, so far
+        self._too_slow = False
         self._arm(self.head_timeout_s, self._head_timed_out)
 
     def _arm(self, delay: float, callback: Callable[[], None]) -> None:
@@ -93,15 +107,29 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             if self._timer is None:  # the first bytes of a request on a kept-alive connection
                 self._arm(self.head_timeout_s, self._head_timed_out)
         elif self.cycle is not None and self.cycle.more_body:
-            self._arm(self.body_idle_timeout_s, self._body_timed_out)
+            self._body_deadline += len(data) / self.min_body_bytes_per_s
+            self._arm_body()
         super().data_received(data)
+
+    def _arm_body(self) -> None:
+        """The body timer: at the next idle timeout, or at the rate deadline if sooner."""
+        to_deadline = self._body_deadline - self.loop.time()
+        self._too_slow = to_deadline < self.body_idle_timeout_s  # which of the two it will be
+        self._arm(max(0.0, min(self.body_idle_timeout_s, to_deadline)), self._body_timed_out)
 
     def on_headers_complete(self) -> None:
         self._reading_head, self._head_bytes, self._tail = False, 0, b""
         self._disarm()
-        super().on_headers_complete()
+        limit = self.limit_concurrency
+        if self.url.partition(b"?")[0].endswith(PROBE_PATHS):
+            self.limit_concurrency = None  # a probe is answered however many connections are open
+        try:
+            super().on_headers_complete()
+        finally:
+            self.limit_concurrency = limit
         if self.cycle is not None and self.cycle.more_body:
-            self._arm(self.body_idle_timeout_s, self._body_timed_out)
+            self._body_deadline = self.loop.time() + self.body_grace_s
+            self._arm_body()
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
@@ -123,15 +151,17 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def _body_timed_out(self) -> None:
         self._timer = None
-        if (
-            self.flow.read_paused
-        ):  # the app has not taken what arrived: the wait is not the client's
-            self._arm(self.body_idle_timeout_s, self._body_timed_out)
+        if self.flow.read_paused:  # the app has not taken what arrived: not the client's wait
+            now = self.loop.time()
+            self._body_deadline = max(self._body_deadline, now + self.body_idle_timeout_s)
+            self._arm_body()
         elif not self.transport.is_closing():
             log.info(
-                "%s sent no body data for %g s; closing its connection",
+                "%s sent its body %s; closing its connection",
                 self._peer(),
-                self.body_idle_timeout_s,
+                f"slower than {self.min_body_bytes_per_s} B/s on average"
+                if self._too_slow
+                else f"with a pause of {self.body_idle_timeout_s:g} s",
             )
             self.transport.close()
 

@@ -12,6 +12,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi_offline import FastAPIOffline
+from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect
 
@@ -20,8 +21,10 @@ from service.batching import QueueFull
 from service.errors import (
     BodyLimitMiddleware,
     HeadMiddleware,
+    JSONResponse,
     busy_handler,
     disconnect_handler,
+    http_error_handler,
     not_finite_handler,
     over_budget_handler,
     validation_error_handler,
@@ -62,6 +65,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=__version__,
         description=DESCRIPTION,
         lifespan=lifespan,
+        default_response_class=JSONResponse,
     )
     app.state.settings = settings
     app.state.metrics = metrics
@@ -77,6 +81,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(demo_router)
     app.include_router(admin.router)
     app.include_router(v2_router)
+    app.add_exception_handler(HTTPException, http_error_handler)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     app.add_exception_handler(QueueFull, busy_handler)
     app.add_exception_handler(OverBudget, over_budget_handler)

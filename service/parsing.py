@@ -18,7 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ValidationError
 from python_multipart.exceptions import MultipartParseError
-from python_multipart.multipart import MultipartParser, parse_options_header
+from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
 
 from service.batching import INLINE_ROWS
 from service.deps import Served
@@ -167,14 +167,32 @@ Upload = tuple[str, bytes]  # (" ('name.png')" or "" for messages, encoded bytes
 
 
 def _check_complete(body: bytes, boundary: bytes) -> None:
-    """400 for a multipart body without its closing delimiter: it was cut short, and the parser
-    would silently drop the part it was in (no part can contain the boundary)."""
+    """400 for a multipart body without its closing delimiter: it was cut short. A cheap first
+    look, before the parts are counted; `_file_parts` checks that the parser ended on it."""
     if b"--" + boundary + b"--" not in body:
+        raise HTTPException(status_code=400, detail=_unterminated(body, boundary))
+
+
+def _unterminated(body: bytes, boundary: bytes) -> str:
+    return (
+        f"the multipart body is truncated or malformed: its {len(body)} bytes do not end with "
+        f"the closing delimiter CRLF '--{boundary.decode('latin-1')}--' after the last part"
+    )
+
+
+def _skip_preamble(body: bytes, boundary: bytes) -> bytes:
+    """The body from its first delimiter: RFC 2046 (5.1.1) lets a preamble come before it, to be
+    ignored, and python-multipart wants the body to start with the delimiter."""
+    if body.startswith(b"--" + boundary):
+        return body
+    at = body.find(b"\r\n--" + boundary)
+    if at < 0:
         raise HTTPException(
             status_code=400,
-            detail=f"the multipart body is truncated or malformed: its {len(body)} bytes do not "
-            f"end with the closing boundary '--{boundary.decode('latin-1')}--'",
+            detail=f"malformed multipart body: no line starts with the boundary "
+            f"'--{boundary.decode('latin-1')}'",
         )
+    return body[at + 2 :]
 
 
 class _Parts:
@@ -216,6 +234,7 @@ async def _multipart_uploads(request: Request, settings: Settings) -> list[Uploa
     if not boundary:
         raise HTTPException(status_code=400, detail="the multipart Content-Type has no boundary")
     _check_complete(body, boundary)
+    body = _skip_preamble(body, boundary)
     # the delimiters, less the closing one: at least the parts' count, found before parsing any
     parts = body.count(b"--" + boundary) - 1
     if parts > settings.max_rows:
@@ -233,6 +252,10 @@ def _file_parts(body: bytes, boundary: bytes) -> list[Upload]:
         parser.finalize()
     except (MultipartParseError, ValueError) as exc:
         raise HTTPException(status_code=400, detail=f"malformed multipart body: {exc}") from None
+    if parser.state != MultipartState.END:
+        # the closing delimiter was not where a delimiter can be (after a CRLF), so the parser
+        # took it for the last part's data and never ended that part: it would be dropped
+        raise HTTPException(status_code=400, detail=_unterminated(body, boundary))
     uploads: list[Upload] = []
     for i, (headers, data) in enumerate(collected.parts):
         options = parse_options_header(headers.get(b"content-disposition", b""))[1]
@@ -359,14 +382,47 @@ async def read_images(request: Request, served: Served) -> F32:
 
 
 def read_query(model: type[Q], request: Request) -> Q:
-    """The query string as `model`; a 422 in FastAPI's format naming each bad parameter."""
+    """The query string as `model`; a 422 in FastAPI's format naming each bad parameter, an
+    unknown one (a misspelt `K=5` must not quietly run with the default) and one given twice."""
+    items = request.query_params.multi_items()
+    names = _query_names(model)
+    problems: list[dict[str, Any]] = []
+    for name in dict.fromkeys(key for key, _ in items):
+        if name not in names:
+            problems.append(
+                {
+                    "type": "unknown_parameter",
+                    "loc": ("query", name),
+                    "msg": "unknown query parameter; this endpoint takes "
+                    + (", ".join(names) or "no query parameters"),
+                }
+            )
+        elif (count := sum(key == name for key, _ in items)) > 1:
+            problems.append(
+                {
+                    "type": "repeated_parameter",
+                    "loc": ("query", name),
+                    "msg": f"given {count} times; give it once",
+                }
+            )
+    if problems:
+        raise RequestValidationError(problems)
     try:
-        return model.model_validate(dict(request.query_params))
+        return model.model_validate(dict(items))
     except ValidationError as exc:
         errors = exc.errors(include_url=False)
         raise RequestValidationError(
             [{**error, "loc": ("query", *error["loc"])} for error in errors]
         ) from None
+
+
+@functools.cache
+def _query_names(model: type[BaseModel]) -> tuple[str, ...]:
+    return tuple(field.alias or name for name, field in model.model_fields.items())
+
+
+class NoQuery(BaseModel):
+    """The query of an endpoint that takes none."""
 
 
 def _check_count(count: int, settings: Settings, field: str) -> None:

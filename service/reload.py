@@ -51,6 +51,8 @@ def resolve_bundle(root: Path, name: str) -> Path:
     Names are relative to the root, so a client cannot point the server at any other path, and
     the server's own layout never appears in an answer (see `public_path`).
     """
+    if "\x00" in name:
+        raise ValueError(f"{name!r} holds a NUL character, which no file name can")
     relative = Path(name)
     if relative.is_absolute() or ".." in relative.parts:
         raise ValueError(
@@ -68,6 +70,8 @@ def resolve_bundle(root: Path, name: str) -> Path:
         raise ValueError(
             f"{name!r} leads out of the models root (the directory holding VAE_BUNDLE)"
         )
+    if path == root:
+        raise ValueError(f"{name!r} names the models root itself, not a bundle under it")
     if not is_dir:
         raise ValueError(f"{name!r} is not a directory under the models root")
     return path

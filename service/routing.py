@@ -19,7 +19,7 @@ from pydantic import BaseModel
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.deps import get_served
-from service.parsing import read_query
+from service.parsing import NoQuery, read_query
 
 Handler = Callable[[Request], Coroutine[Any, Any, Response]]
 Endpoint = Callable[..., Awaitable[Response]]
@@ -33,19 +33,21 @@ class ModelRoute(APIRoute):
         names = list(inspect.signature(endpoint).parameters)
         if names not in (["served", "request"], ["served", "request", "query"]):
             raise TypeError(f"{self.path}: a ModelRoute endpoint takes (served, request[, query])")
-        if len(names) == 2:
+        takes_query = len(names) == 3
+        model: type[BaseModel] = (
+            get_args(get_type_hints(endpoint, include_extras=True)["query"])[0]
+            if takes_query
+            else NoQuery
+        )
 
-            async def handler(request: Request) -> Response:
-                return await endpoint(await get_served(request), request)
-
-            return handler
-        model: type[BaseModel] = get_args(get_type_hints(endpoint, include_extras=True)["query"])[0]
-
-        async def query_handler(request: Request) -> Response:
+        async def handler(request: Request) -> Response:
             served = await get_served(request)
-            return await endpoint(served, request, read_query(model, request))
+            query = read_query(model, request)  # a 422 for parameters the endpoint does not take
+            if takes_query:
+                return await endpoint(served, request, query)
+            return await endpoint(served, request)
 
-        return query_handler
+        return handler
 
 
 class ModelEndpoints:

@@ -18,11 +18,11 @@ from typing import Annotated, Any
 import numpy as np
 from fastapi import APIRouter, Depends, Path, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from service import __version__
 from service.deps import RuntimeDep, SettingsDep, require_api_key
+from service.errors import JSONResponse
 from service.parsing import JSONRoute
 from service.runtime import F32, Runtime, off_loop
 from service.v2_schemas import (
@@ -320,7 +320,9 @@ async def infer(
     rows = max(tensor.shape[0] if tensor.shape else 1, len(tensor.data) // max(1, prod(dims)))
     array = await off_loop(rows, to_array, tensor, dims, settings.max_rows, network.pixels)
     results = await network.run(array)
-    return await off_loop(rows, _respond, body, network, runtime, wanted, results)
+    response = await off_loop(rows, _respond, body, network, runtime, wanted, results)
+    runtime.release_after(rows)  # the answer's floats and text, as the other endpoints do
+    return response
 
 
 def _respond(

@@ -8,7 +8,9 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import uvicorn
@@ -17,32 +19,40 @@ from service.connections import GuardedHttpToolsProtocol
 from service.main import create_app
 from service.settings import Settings
 from tests.live import free_port
+from tests.service.helpers import encode, stroke
 
 TIMEOUT_S = 0.5
+GRACE_S = 1.0
+MIN_BODY_BYTES_PER_S = 100
 DRAIN_BYTES_PER_S = 8 * 1024 * 1024
 
 
 class QuickProtocol(GuardedHttpToolsProtocol):
-    """The served protocol with its timeouts shortened, so the tests wait less than a second, and
-    a drain rate of its own."""
+    """The served protocol with its timeouts shortened, so the tests wait about a second, and a
+    least body rate and a drain rate of its own."""
 
     head_timeout_s = TIMEOUT_S
     body_idle_timeout_s = TIMEOUT_S
+    body_grace_s = GRACE_S
+    min_body_bytes_per_s = MIN_BODY_BYTES_PER_S
     drain_bytes_per_s = DRAIN_BYTES_PER_S
 
 
-@pytest.fixture(scope="module")
-def address(tiny_bundle: Path) -> Iterator[tuple[str, int]]:
+@contextmanager
+def serving(tiny_bundle: Path, **config: Any) -> Iterator[tuple[str, int]]:
+    """A real uvicorn with QuickProtocol on loopback, in a thread; its address."""
     port = free_port()
-    config = uvicorn.Config(
-        create_app(Settings(bundle=tiny_bundle)),
-        host="127.0.0.1",
-        port=port,
-        http=QuickProtocol,
-        log_level="warning",
-        lifespan="on",
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(Settings(bundle=tiny_bundle)),
+            host="127.0.0.1",
+            port=port,
+            http=QuickProtocol,
+            log_level="warning",
+            lifespan="on",
+            **config,
+        )
     )
-    server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -52,6 +62,12 @@ def address(tiny_bundle: Path) -> Iterator[tuple[str, int]]:
     yield "127.0.0.1", port
     server.should_exit = True
     thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def address(tiny_bundle: Path) -> Iterator[tuple[str, int]]:
+    with serving(tiny_bundle) as address:
+        yield address
 
 
 def exchange(address: tuple[str, int], *chunks: bytes, pause: float = 0.0) -> bytes:
@@ -128,9 +144,59 @@ def test_a_stalled_body_closes_the_connection_in_one_log_line(
         assert time.monotonic() - start < 3
         time.sleep(0.2)
     messages = [r.getMessage() for r in caplog.records]
-    assert any("sent no body data for 0.5 s; closing its connection" in m for m in messages)
+    assert any("sent its body with a pause of 0.5 s; closing its connection" in m for m in messages)
     assert any(m.endswith("disconnected before sending all of POST /encode") for m in messages)
     assert not any(r.exc_info for r in caplog.records), messages
+
+
+def test_a_body_that_trickles_in_below_the_least_rate_is_closed(
+    address: tuple[str, int], caplog: pytest.LogCaptureFixture
+) -> None:
+    # a byte every 0.1 s never pauses for the idle timeout (0.5 s), but at 10 B/s it is below the
+    # least rate (100 B/s) once the grace (1 s) is over: without the rate it would hold the
+    # connection for the 1000 bytes' 100 s
+    head = (
+        b"POST /encode HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+        b"Content-Length: 1000\r\n\r\n"
+    )
+    with caplog.at_level(logging.INFO):
+        start = time.monotonic()
+        assert exchange(address, head, *[b"x"] * 40, pause=0.1) == b""  # closed, no answer
+        took = time.monotonic() - start
+        time.sleep(0.2)
+    assert GRACE_S <= took < 3, took
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("sent its body slower than 100 B/s on average; closing" in m for m in messages)
+
+
+def test_a_body_above_the_least_rate_is_read_whole(address: tuple[str, int]) -> None:
+    # an uncompressed image (about 1.9 KB) in 12 pieces a 0.15 s apart: about 1 KB/s for 1.7 s,
+    # past the grace and above the least rate, so it is read whole and answered
+    body = encode(stroke(), "BMP")
+    head = b"POST /encode HTTP/1.1\r\nHost: x\r\nContent-Type: image/bmp\r\n"
+    head += b"Connection: close\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n"
+    step = -(-len(body) // 12)
+    chunks = [body[i : i + step] for i in range(0, len(body), step)]
+    start = time.monotonic()
+    response = exchange(address, head, *chunks, pause=0.15)
+    assert status(response) == 200, response
+    assert b'"latent_dim":8' in response
+    assert time.monotonic() - start > GRACE_S
+
+
+def test_the_health_probes_are_answered_past_the_connection_limit(tiny_bundle: Path) -> None:
+    # uvicorn answers 503 once limit_concurrency connections are open; a flood of slow clients
+    # must not fail the liveness probe (an orchestrator would restart a busy server)
+    with serving(tiny_bundle, limit_concurrency=3) as address:
+        held = [socket.create_connection(address, timeout=5) for _ in range(3)]
+        try:
+            time.sleep(0.1)
+            assert status(exchange(address, get("/model"))) == 503
+            for probe in ("/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"):
+                assert status(exchange(address, get(probe))) == 200, probe
+        finally:
+            for sock in held:
+                sock.close()
 
 
 def test_keep_alive_and_pipelined_requests_still_work(address: tuple[str, int]) -> None:

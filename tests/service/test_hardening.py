@@ -4,6 +4,7 @@ tests/stress drive a real server): body limits, strict values, disconnects, trut
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import logging
 import time
@@ -92,8 +93,126 @@ def test_a_truncated_multipart_body_says_so(client: TestClient) -> None:
         assert response.status_code == 400
         assert response.json()["detail"] == (
             f"the multipart body is truncated or malformed: its {len(cut)} bytes do not end with "
-            f"the closing boundary '--{boundary}--'"
+            f"the closing delimiter CRLF '--{boundary}--' after the last part"
         )
+
+
+def _part(boundary: str, data: bytes, name: str) -> bytes:
+    return (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="images"; filename="{name}"\r\n'
+        "Content-Type: image/png\r\n\r\n"
+    ).encode() + data
+
+
+@pytest.mark.parametrize(
+    "close",
+    [b"--b0undary--\r\n", b"--b0undary--", b"x--b0undary--\r\n"],
+    ids=["no-crlf-before", "no-crlf-at-all", "inside-the-data"],
+)
+def test_a_closing_delimiter_that_is_not_one_never_drops_an_image(
+    client: TestClient, close: bytes
+) -> None:
+    # the closing boundary's text without the CRLF before it is part of the last part's data:
+    # the parser never ends that part, and the server must not answer for the first image alone
+    body = _part("b0undary", PNG, "a.png") + b"\r\n" + _part("b0undary", PNG, "b.png") + close
+    headers = {"Content-Type": "multipart/form-data; boundary=b0undary"}
+    response = client.post("/encode", content=body, headers=headers)
+    assert response.status_code == 400, response.text
+    assert "do not end with the closing delimiter CRLF '--b0undary--'" in response.json()["detail"]
+
+
+def test_a_multipart_preamble_and_epilogue_are_ignored(client: TestClient) -> None:
+    # RFC 2046 5.1.1: text before the first delimiter and after the closing one is not a part
+    two = _part("b0undary", PNG, "a.png") + b"\r\n" + _part("b0undary", PNG, "b.png")
+    body = b"This is a preamble.\r\n" + two + b"\r\n--b0undary--\r\nAn epilogue."
+    headers = {"Content-Type": "multipart/form-data; boundary=b0undary"}
+    response = client.post("/encode", content=body, headers=headers)
+    assert response.status_code == 200, response.text
+    plain = client.post("/encode", files=files(PNG, PNG)).json()
+    assert response.json()["results"] == plain["results"]
+    no_delimiter = client.post("/encode", content=b"no part here--b0undary--", headers=headers)
+    assert no_delimiter.status_code == 400
+    assert "no line starts with the boundary '--b0undary'" in no_delimiter.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    "path, body",
+    [
+        ("/decode", '{"z": "\\ud800"}'),
+        ("/decode", '{"z\\udfff": [[0, 0, 0, 0, 0, 0, 0, 0]]}'),
+        ("/encode", '{"images": ["\\ud800"]}'),
+        ("/elbo", '{"pixels": [["\\udc80"]]}'),
+    ],
+)
+def test_an_unpaired_surrogate_gets_a_422_not_a_500(
+    client: TestClient, path: str, body: str
+) -> None:
+    # "\ud800" is valid JSON, but no UTF-8 text: the 422 that echoes it must still encode
+    response = client.post(path, content=body, headers={"Content-Type": "application/json"})
+    assert response.status_code == 422, response.text
+    assert response.json()["detail"][0]["loc"][0] == "body"
+
+
+def test_a_v2_request_id_with_an_unpaired_surrogate_comes_back_escaped(client: TestClient) -> None:
+    body = '{"id": "run-\\ud800", "inputs": [{"name": "z", "shape": [1, 8], "datatype": "FP32", '
+    body += '"data": [0, 0, 0, 0, 0, 0, 0, 0]}]}'
+    response = client.post("/v2/models/tiny-bernoulli-decoder/infer", content=body)
+    assert response.status_code == 200, response.text
+    assert b'"id":"run-\\ud800"' in response.content
+    assert json.loads(response.content)["id"] == "run-\ud800"
+
+
+def test_two_content_types_are_refused(client: TestClient) -> None:
+    # the body limit and the route would each read a different one: JSON past its 1 MiB limit
+    headers = [("Content-Type", "application/json"), ("Content-Type", "image/png")]
+    response = client.post("/encode", content=PNG, headers=headers)
+    assert response.status_code == 400
+    assert response.json() == {
+        "detail": "the request has more than one Content-Type header; send one"
+    }
+
+
+@pytest.mark.parametrize("path", ["/encode", "/v2/models/tiny-bernoulli-encoder/infer"])
+def test_a_compressed_body_gets_a_415_naming_its_encoding(client: TestClient, path: str) -> None:
+    headers = {"Content-Type": "image/png", "Content-Encoding": "gzip"}
+    response = client.post(path, content=gzip.compress(PNG), headers=headers)
+    assert response.status_code == 415
+    key = "error" if path.startswith("/v2/") else "detail"
+    assert response.json() == {
+        key: "Content-Encoding 'gzip' is not supported: send the body as it is"
+    }
+    identity = {"Content-Type": "image/png", "Content-Encoding": "identity"}
+    assert client.post("/encode", content=PNG, headers=identity).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "path, query, loc, message",
+    [
+        ("/elbo", "K=5", "K", "unknown query parameter; this endpoint takes samples, k, seed, "),
+        ("/elbo", "k=2&k=3", "k", "given 2 times; give it once"),
+        ("/encode", "seeed=1", "seeed", "unknown query parameter; this endpoint takes "),
+        ("/decode", "temperature=2", "temperature", "unknown query parameter; this endpoint takes"),
+    ],
+)
+def test_a_query_parameter_the_endpoint_does_not_take_is_a_422(
+    client: TestClient, path: str, query: str, loc: str, message: str
+) -> None:
+    # a misspelt option must not quietly run with its default
+    if path == "/decode":
+        response = client.post(f"{path}?{query}", json={"z": [[0.0] * 8]})
+    else:
+        response = client.post(f"{path}?{query}", files=files(PNG))
+    assert response.status_code == 422, response.text
+    (error,) = response.json()["detail"]
+    assert error["loc"] == ["query", loc]
+    assert error["msg"].startswith(message)
+
+
+def test_v2_errors_from_the_router_use_the_protocol_format(client: TestClient) -> None:
+    response = client.get("/v2/models/tiny-bernoulli-encoder/infer")
+    assert response.status_code == 405
+    assert response.json() == {"error": "Method Not Allowed"}
+    assert client.get("/encode").json() == {"detail": "Method Not Allowed"}
 
 
 MULTIPART = "multipart/form-data; boundary=b"

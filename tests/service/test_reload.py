@@ -169,9 +169,17 @@ def test_a_bad_bundle_is_refused_and_the_old_keeps_serving(
         (
             json.dumps({"bundle": "a\u0000b"}),
             "application/json",
-            404,
-            "under the models root (ValueError)",  # an embedded NUL
+            422,
+            "holds a NUL character, which no file name can",
         ),
+        (
+            json.dumps({"bundle": "."}),
+            "application/json",
+            422,
+            "names the models root itself, not a bundle under it",
+        ),
+        # an unpaired surrogate: valid JSON, not Unicode; its 422 echoes it escaped (not a 500)
+        (json.dumps({"bundle": "\ud800"}), "application/json", 422, "as a unicode string"),
         (json.dumps({"bundle": ""}), "application/json", 422, "at least 1 character"),
         (
             json.dumps({"bundel": "/srv/b"}),
