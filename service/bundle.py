@@ -20,7 +20,7 @@ from pydantic import (
     model_validator,
 )
 
-from service.memory import trim
+from service.memory import trim_heaps
 from service.settings import Device
 
 log = logging.getLogger(__name__)
@@ -320,7 +320,7 @@ class Bundle:
         c, h, w = self.manifest.input_shape
         (mu,) = self.encoder.run(["mu"], {"x": np.zeros((1, c, h, w), np.float32)}, options)
         self.decoder.run([self.manifest.decoder_output], {"z": mu}, options)
-        trim()
+        trim_heaps()
 
     def warm_up(self) -> None:
         """Run each network once so the first request does not pay for lazy initialisation."""

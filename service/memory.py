@@ -25,6 +25,13 @@ RELEASE_ROWS = 4096
 def trim() -> None:
     """Free unreachable objects now (a full collection), then trim the C heaps."""
     gc.collect()
+    trim_heaps()
+
+
+def trim_heaps() -> None:
+    """Hand the C heaps' free pages back to the OS. Alone after a large request, whose arrays
+    reference counting has freed: a full collection holds the GIL (about 50 ms here) and would
+    stall the event loop for nothing."""
     if _malloc_trim is not None:
         _malloc_trim(0)
 

@@ -116,6 +116,19 @@ def test_decoder_matches_decode_and_reconstruct(client: TestClient) -> None:
     np.testing.assert_allclose(1 / (1 + np.exp(-logits[0, 0])), ours["arrays"][0][0], atol=1e-6)
 
 
+def test_an_answer_written_in_pieces_is_the_whole_answer(client: TestClient) -> None:
+    # 100 rows of 784 logits: two pieces of FLOATS_PER_PIECE and a rest, joined into one array
+    z = np.random.default_rng(0).standard_normal((100, D)).astype(np.float32)
+    response = infer(client, DECODER, tensor("z", z), id="pieces")
+    assert response.json()["id"] == "pieces"
+    logits = outputs(response)["logits"]
+    assert logits.shape == (100, 1, 28, 28)
+    ours = client.post("/decode?format=arrays", json={"z": z.tolist()}).json()["arrays"]
+    np.testing.assert_allclose(1 / (1 + np.exp(-logits)), ours, atol=1e-6)
+    one_by_one = [outputs(infer(client, DECODER, tensor("z", row[None])))["logits"] for row in z]
+    np.testing.assert_allclose(logits, np.concatenate(one_by_one), atol=1e-5)
+
+
 @pytest.mark.parametrize(
     "requested, names", [(["logvar"], ["logvar"]), (["logvar", "mu", "logvar"], ["logvar", "mu"])]
 )

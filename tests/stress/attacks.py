@@ -153,6 +153,11 @@ def attacks(seconds: float) -> dict[str, tuple[int, Attack]]:
     big_json = json.dumps({"pixels": rng.random((64, 200, 200)).round(3).tolist()}).encode()
     near_limit = json.dumps({"pixels": rng.random((64, 28, 28)).round(3).tolist()}).encode()
     digits = [image_file(28, "PNG") for _ in range(HEAVY_IMAGES)]  # for the maximal /elbo
+    # the largest v2 decoder request: VAE_MAX_ROWS latent rows in, a 125 MB JSON answer out
+    max_rows = Settings.model_fields["max_rows"].default
+    latent_dim = json.loads((DEFAULT_BUNDLE / "manifest.json").read_text())["latent_dim"]
+    v2_rows = {"name": "z", "shape": [max_rows, latent_dim], "datatype": "FP32"}
+    v2_body = json.dumps({"inputs": [{**v2_rows, "data": [0] * (max_rows * latent_dim)}]})
 
     def post(path: str, **kwargs: Any) -> Callable[[str, int], str]:
         def attempt(url: str, i: int) -> str:
@@ -211,6 +216,10 @@ def attacks(seconds: float) -> dict[str, tuple[int, Attack]]:
             ),
         ),
         "I /sample n=256": (4, get("/sample", params={"n": 256})),
+        f"I v2 decoder {max_rows} rows": (
+            2,
+            post("/v2/models/mnist-vae-decoder/infer", content=v2_body, headers=json_headers),
+        ),
     }
 
 
