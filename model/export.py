@@ -28,6 +28,8 @@ from service.bundle import DECODER_FILE, ENCODER_FILE, read_manifest, verify_fil
 
 log = logging.getLogger(__name__)
 
+BUNDLE_FILES = frozenset({"manifest.json", "encoder.onnx", "decoder.onnx"})
+
 SCHEMA_VERSION = 1
 MAX_ABS_ERROR = 1e-4
 
@@ -157,6 +159,15 @@ def check_onnx(model: VAE, directory: Path, batch: int = 7, seed: int = 0) -> fl
     return err
 
 
+def _replaceable(out: Path) -> bool:
+    """Whether --overwrite may replace `out`: an empty directory, or a bundle and nothing else
+    (never a directory of the user's own files, which it would delete)."""
+    if not out.is_dir() or out.is_symlink():
+        return False
+    names = {p.name for p in out.iterdir()}
+    return not names or ("manifest.json" in names and names <= BUNDLE_FILES)
+
+
 def export_bundle(
     model: VAE,
     out: Path,
@@ -181,6 +192,11 @@ def export_bundle(
     out = Path(out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    if out.exists() and not _replaceable(out):
+        raise FileExistsError(
+            f"{out} is not a bundle, and --overwrite replaces only a bundle (a directory holding "
+            f"no more than {', '.join(sorted(BUNDLE_FILES))}): choose another --out"
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     tmp.chmod(0o755)  # mkdtemp makes it 0700; a bundle is read by the server's own user

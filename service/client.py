@@ -79,18 +79,24 @@ class Scores:
     raw: dict[str, Any]
 
 
+# the last axis of a channels-last image: grey, grey and alpha, RGB, RGBA
+CHANNELS_LAST = (1, 2, 3, 4)
+
+
 def to_npy(images: ArrayLike) -> bytes:
     """Images (uint8, bool or floats in [0, 1]) as the server's .npy layout, `(B, C, H, W)`.
 
     Takes `(H, W)`, `(B, H, W)`, `(B, C, H, W)` and, as Pillow and most image libraries give
-    them, channels-last `(H, W, 3|4)` and `(B, H, W, 1|3|4)` (alpha dropped). A 3-D array whose
-    last axis is 3 or 4 is one colour image, not a batch of 3- or 4-pixel-wide grey ones.
+    them, channels-last `(H, W, K)` and `(B, H, W, K)` with K = 1 (grey), 2 (grey and alpha),
+    3 (RGB) or 4 (RGBA); alpha is dropped. A 3-D array whose last axis is 1 to 4 is one
+    channels-last image, not a batch of 1- to 4-pixel-wide grey ones.
     """
     array = np.asarray(images)
-    if array.ndim == 3 and array.shape[-1] in (3, 4):
-        array = array[None]  # one channels-last colour image
-    if array.ndim == 4 and array.shape[1] not in (1, 3) and array.shape[-1] in (1, 3, 4):
-        array = np.moveaxis(array[..., :3], -1, 1)
+    if array.ndim == 3 and array.shape[-1] in CHANNELS_LAST:
+        array = array[None]  # one channels-last image
+    if array.ndim == 4 and array.shape[1] not in (1, 3) and array.shape[-1] in CHANNELS_LAST:
+        colour = 3 if array.shape[-1] >= 3 else 1  # the channels kept: alpha dropped
+        array = np.moveaxis(array[..., :colour], -1, 1)
     if array.dtype.kind == "f" and array.dtype != np.float32:
         array = array.astype(np.float32)
     buffer = io.BytesIO()

@@ -11,6 +11,9 @@ connection and sends nothing, is never timed out. This protocol adds, per connec
 - no pause longer than BODY_IDLE_TIMEOUT_S while a request body is still arriving, and the body
   no slower on average than MIN_BODY_BYTES_PER_S after BODY_GRACE_S: closed (the request sees a
   disconnect);
+- what a chunked body sends besides its data (chunk sizes and extensions, trailers) at most
+  MAX_FRAMING_BYTES more than its data: 431 and the connection closed (trailers are dropped:
+  uvicorn would append them to the headers the app already holds, without any limit);
 - a body that keeps arriving after the answer (a 413 sent on its Content-Length, say) is read and
   dropped at most DRAIN_BYTES_PER_S: the client still gets its answer once it has sent its body,
   and a client that streams huge bodies for nothing costs the machine a bounded amount.
@@ -32,6 +35,9 @@ log = logging.getLogger(__name__)
 
 # nginx answers 431/400 past 4 x 8 KiB of headers (large_client_header_buffers); 32 KiB here
 MAX_HEAD_BYTES = 32 * 1024
+# what a chunked body may send besides its data, beyond the data's own size: chunk framing is a
+# few bytes a chunk, and trailers a head's worth
+MAX_FRAMING_BYTES = 1 << 20
 # nginx's client_header_timeout is 60 s; a head is a few hundred bytes, 10 s is ample
 HEAD_TIMEOUT_S = 10.0
 # the longest silence in the middle of a body (nginx's client_body_timeout is 60 s)
@@ -73,6 +79,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._refused = False
         self._body_deadline = 0.0  # when the body must be complete at the least rate, so far
         self._too_slow = False
+        self._framing = 0  # bytes of the request after its head, less its body data
         self._arm(self.head_timeout_s, self._head_timed_out)
 
     def _arm(self, delay: float, callback: Callable[[], None]) -> None:
@@ -108,8 +115,13 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
                 self._arm(self.head_timeout_s, self._head_timed_out)
         elif self.cycle is not None and self.cycle.more_body:
             self._body_deadline += len(data) / self.min_body_bytes_per_s
+            self._framing += len(data)
             self._arm_body()
         super().data_received(data)
+        if self._framing > MAX_FRAMING_BYTES and not self._refused:
+            self._refuse(
+                431, f"chunk framing and trailers over the limit of {MAX_FRAMING_BYTES} bytes"
+            )
 
     def _arm_body(self) -> None:
         """The body timer: at the next idle timeout, or at the rate deadline if sooner."""
@@ -131,7 +143,17 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._body_deadline = self.loop.time() + self.body_grace_s
             self._arm_body()
 
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self._reading_head:
+            super().on_header(name, value)
+        # else a trailer of a chunked body, after the app has its headers: dropped
+
+    def on_body(self, body: bytes) -> None:
+        self._framing -= len(body)
+        super().on_body(body)
+
     def on_message_complete(self) -> None:
+        self._framing = 0
         super().on_message_complete()
         self._reading_head = True  # what follows is the next request's head
         self._disarm()

@@ -256,6 +256,15 @@ def _file_parts(body: bytes, boundary: bytes) -> list[Upload]:
         # the closing delimiter was not where a delimiter can be (after a CRLF), so the parser
         # took it for the last part's data and never ended that part: it would be dropped
         raise HTTPException(status_code=400, detail=_unterminated(body, boundary))
+    if (found := body.count(b"--" + boundary) - 1) != len(collected.parts):
+        # the boundary also stands where no delimiter can: a part would be lost in another's data
+        # (a delimiter without the CRLF before it) or after the closing delimiter
+        raise HTTPException(
+            status_code=400,
+            detail=f"malformed multipart body: the boundary '--{boundary.decode('latin-1')}' "
+            f"opens {found} parts but {len(collected.parts)} are well formed; each delimiter "
+            "must start a line (CRLF before it), and nothing may follow the closing one",
+        )
     uploads: list[Upload] = []
     for i, (headers, data) in enumerate(collected.parts):
         options = parse_options_header(headers.get(b"content-disposition", b""))[1]

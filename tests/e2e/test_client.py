@@ -116,3 +116,22 @@ def test_colour_layouts_are_understood(vae: VAEClient, server: httpx.Client, lay
     pixels = {"pixels": (rgb / 255.0).tolist()}  # (C, H, W) per image, converted alike
     expected = [r["mu"] for r in server.post("/encode", json=pixels).json()["results"]]
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        lambda x: x[0],  # (H, W)
+        lambda x: x[0][:, :, None],  # (H, W, 1)
+        lambda x: np.stack([x[0], np.full_like(x[0], 255)], -1),  # (H, W, 2): grey and alpha
+        lambda x: x[:1, :, :, None],  # (1, H, W, 1)
+    ],
+    ids=["hw", "hw1", "la", "1hw1"],
+)
+def test_one_grey_image_is_one_image(vae: VAEClient, server: httpx.Client, layout: Any) -> None:
+    # (28, 28, 1) was taken for 28 images 28 x 1 wide, and scored as 28 results
+    x = strokes()  # (B, H, W) uint8
+    got = vae.encode(layout(x).astype(np.uint8)).mu
+    expected = server.post("/encode", files=uploads(strokes()[:1])).json()["results"]
+    assert got.shape == (1, len(expected[0]["mu"]))
+    np.testing.assert_allclose(got, [expected[0]["mu"]], rtol=1e-5, atol=1e-6)

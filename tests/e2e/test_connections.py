@@ -184,6 +184,27 @@ def test_a_body_above_the_least_rate_is_read_whole(address: tuple[str, int]) -> 
     assert time.monotonic() - start > GRACE_S
 
 
+def chunked(body: bytes, *trailers: bytes) -> bytes:
+    """`body` as one chunk of a chunked POST /encode (an image), then `trailers` after the end."""
+    head = b"POST /encode HTTP/1.1\r\nHost: x\r\nContent-Type: image/bmp\r\n"
+    head += b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+    return head + b"%x\r\n" % len(body) + body + b"\r\n0\r\n" + b"".join(trailers) + b"\r\n"
+
+
+def test_a_chunked_body_with_a_trailer_is_answered(address: tuple[str, int]) -> None:
+    response = exchange(address, chunked(encode(stroke(), "BMP"), b"X-Checksum: abc\r\n"))
+    assert status(response) == 200, response
+
+
+def test_trailers_past_the_framing_limit_are_431(address: tuple[str, int]) -> None:
+    # uvicorn kept every trailer line in memory, without limit: 600 MB grew the server by as much
+    line = b"X-T: " + b"a" * 8000 + b"\r\n"
+    response = exchange(address, chunked(encode(stroke(), "BMP"), line * 200))  # 1.6 MB
+    assert status(response) == 431, response[:200]
+    assert response.endswith(b"chunk framing and trailers over the limit of 1048576 bytes")
+    assert status(exchange(address, get("/healthz"))) == 200
+
+
 def test_the_health_probes_are_answered_past_the_connection_limit(tiny_bundle: Path) -> None:
     # uvicorn answers 503 once limit_concurrency connections are open; a flood of slow clients
     # must not fail the liveness probe (an orchestrator would restart a busy server)

@@ -110,6 +110,27 @@ def test_export_refuses_to_overwrite(tiny_bundle: Path) -> None:
         export_bundle(model, tiny_bundle, torch.rand(4, 1, 28, 28))
 
 
+def test_overwrite_replaces_only_a_bundle(tmp_path: Path) -> None:
+    # --overwrite on a folder of the user's own files would have deleted them
+    photos = tmp_path / "photos"
+    (photos / "nested").mkdir(parents=True)
+    (photos / "a.png").write_bytes(b"mine")
+    (photos / "nested" / "b.png").write_bytes(b"mine too")
+    model = VAE(VAEConfig(latent_dim=2, conv_channels=(4, 4), hidden_dims=(8,)))
+    images = torch.rand(4, 1, 28, 28)
+    with pytest.raises(FileExistsError, match="is not a bundle, and --overwrite replaces only"):
+        export_bundle(model, photos, images, overwrite=True)
+    assert (photos / "a.png").read_bytes() == b"mine"
+    assert (photos / "nested" / "b.png").read_bytes() == b"mine too"
+    bundle = export_bundle(model, tmp_path / "bundle", images)
+    first = json.loads((bundle / "manifest.json").read_text())["created"]
+    assert export_bundle(model, bundle, images, overwrite=True, version="2") == bundle
+    assert json.loads((bundle / "manifest.json").read_text())["version"] == "2", first
+    assert sorted(p.name for p in bundle.iterdir()) == sorted(export_mod.BUNDLE_FILES)
+    (tmp_path / "empty").mkdir()
+    export_bundle(model, tmp_path / "empty", images, overwrite=True)
+
+
 def test_cli_export_and_evaluate(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
     run = tmp_path / "run"
     args = [

@@ -121,6 +121,33 @@ def test_a_closing_delimiter_that_is_not_one_never_drops_an_image(
     assert "do not end with the closing delimiter CRLF '--b0undary--'" in response.json()["detail"]
 
 
+@pytest.mark.parametrize("before", [b"", b"\n"], ids=["no-line-break", "bare-lf"])
+def test_a_middle_delimiter_that_is_not_one_never_drops_an_image(
+    client: TestClient, before: bytes
+) -> None:
+    # without the CRLF before it, the second delimiter is part of the first image's data: the
+    # PNG decoder would ignore what follows its end, and the second image would be lost
+    body = _part("b0undary", PNG, "a.png") + before + _part("b0undary", PNG, "b.png")
+    body += b"\r\n--b0undary--\r\n"
+    headers = {"Content-Type": "multipart/form-data; boundary=b0undary"}
+    response = client.post("/elbo", content=body, headers=headers)
+    assert response.status_code == 400, response.text
+    assert response.json()["detail"] == (
+        "malformed multipart body: the boundary '--b0undary' opens 2 parts but 1 are well formed; "
+        "each delimiter must start a line (CRLF before it), and nothing may follow the closing one"
+    )
+
+
+def test_a_part_after_the_closing_delimiter_is_refused(client: TestClient) -> None:
+    one = _part("b0undary", PNG, "a.png") + b"\r\n--b0undary--\r\n"
+    body = one + _part("b0undary", PNG, "b.png") + b"\r\n--b0undary--\r\n"
+    headers = {"Content-Type": "multipart/form-data; boundary=b0undary"}
+    assert client.post("/encode", content=one, headers=headers).status_code == 200
+    response = client.post("/encode", content=body, headers=headers)
+    assert response.status_code == 400, response.text
+    assert "opens 3 parts but 1 are well formed" in response.json()["detail"]
+
+
 def test_a_multipart_preamble_and_epilogue_are_ignored(client: TestClient) -> None:
     # RFC 2046 5.1.1: text before the first delimiter and after the closing one is not a part
     two = _part("b0undary", PNG, "a.png") + b"\r\n" + _part("b0undary", PNG, "b.png")
