@@ -21,6 +21,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 import re
 import stat
@@ -148,6 +149,23 @@ def file_problem(path: Path, max_bytes: int | None) -> str | None:
         return f"cannot be read ({type(exc).__name__}: {exc.strerror or exc})"
     if max_bytes is not None and info.st_size > max_bytes:
         return f"is {info.st_size} bytes, over the limit of {max_bytes} (VAE_MAX_UPLOAD_BYTES)"
+    return _compression_problem(path)
+
+
+def _compression_problem(path: Path) -> str | None:
+    """Why a file named as compressed (.gz, .bz2, .zst, .lz4, .br) does not decompress: Ray's
+    reader decompresses such a file by its name, and one that fails fails its read task, and with
+    it the job. Read through once here, in the driver."""
+    try:
+        codec = pa.Codec.detect(str(path)).name
+    except (ValueError, TypeError):  # not a compressed file's name
+        return None
+    try:
+        with pa.input_stream(str(path), compression=codec) as stream:
+            while stream.read(1 << 20):
+                pass
+    except (OSError, pa.ArrowException) as exc:
+        return f"is named as {codec} but does not decompress ({exc})"
     return None
 
 
@@ -221,11 +239,18 @@ def idx_count(path: Path) -> int:
         return 1
 
 
-def image_column(path: Path, name: str) -> pa.DataType:
-    """The type of the image column; SourceError unless it holds bytes (or HF's {bytes, path})."""
-    schema = pq.read_schema(path)
-    if name not in schema.names:
-        raise SourceError(f"{path} has no column {name!r} (columns: {', '.join(schema.names)})")
+def image_column(path: Path, name: str, key: str | None = None) -> pa.DataType:
+    """The type of the image column; SourceError unless it holds bytes (or HF's {bytes, path}),
+    the file is no Parquet file, or it lacks the key column."""
+    try:
+        schema = pq.read_schema(path)
+    except (OSError, pa.ArrowException) as exc:
+        raise SourceError(f"{path} is not a readable Parquet file ({exc})") from None
+    for column in (name, key):
+        if column is not None and column not in schema.names:
+            raise SourceError(
+                f"{path} has no column {column!r} (columns: {', '.join(schema.names)})"
+            )
     kind = schema.field(name).type
     if pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0:
         kind = kind.field("bytes").type
@@ -266,8 +291,10 @@ def read_source(
     files, plain = list_files(source)
     if fmt == "parquet":
         for path in files:
-            image_column(path, image)
+            image_column(path, image, key)
         rows_in = sum(pq.read_metadata(path).num_rows for path in files)
+        if rows_in == 0:
+            raise SourceError(f"{source} holds no rows: nothing to score")
         columns = [image] + ([key] if key else [])
         table = ray.data.read_parquet([str(f) for f in files], num_cpus=READ_CPUS)
         table = table.select_columns(columns)  # pushed down into the reader
@@ -545,8 +572,12 @@ def score(args: argparse.Namespace) -> Report:
     """Run the job; the Report is also written to OUT/run.json."""
     started, t0 = datetime.now(UTC).isoformat(timespec="seconds"), time.perf_counter()
     out: Path = args.out
-    if out.exists() and any(out.iterdir()):
-        raise SourceError(f"--out {out} is not empty; name a new directory")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise SourceError(f"--out {out} is not an empty directory; name a new directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)  # now, not after the job: can it be written?
+    except OSError as exc:
+        raise SourceError(f"--out {out} cannot be made ({exc.strerror or exc})") from None
     device: Device = args.device
     # checksums and graphs checked before Ray starts, on the CPU: the driver may have no GPU
     bundle = load_bundle(args.bundle, device="cpu", threads=1)
@@ -683,6 +714,8 @@ def main(argv: list[str]) -> int:
     for name in ("samples", "k", "actors"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1")
+    if args.threshold is not None and not math.isfinite(args.threshold):
+        parser.error(f"--threshold must be a finite number, got {args.threshold}")
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     try:
         report = score(args)

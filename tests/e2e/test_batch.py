@@ -51,6 +51,9 @@ BROKEN = {
     "(vae score reads one per .npy file)",
     "broken/dangling.png": "file cannot be read (FileNotFoundError: No such file or directory)",
     "broken/fifo.png": "file is not a regular file",
+    # Ray's reader decompresses by the name: this one failed its read task, and the whole job
+    "broken/readme.gz": "file is named as gzip but does not decompress (zlib inflate failed: "
+    "incorrect header check)",
 }
 
 
@@ -100,6 +103,7 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     np.save(broken / "three.npy", images[:3])
     (broken / "dangling.png").symlink_to(broken / "missing.png")
     os.mkfifo(broken / "fifo.png")
+    (broken / "readme.gz").write_text("plain text, not gzip\n")
     return root
 
 

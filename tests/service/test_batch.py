@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -149,6 +150,13 @@ def test_file_problems(tmp_path: Path) -> None:
     assert batch.file_problem(tmp_path / "dangling", None) == (
         "cannot be read (FileNotFoundError: No such file or directory)"
     )
+    packed = gzip.compress(np.random.default_rng(0).bytes(100_000))
+    (tmp_path / "ok.png.gz").write_bytes(packed)
+    (tmp_path / "cut.idx.gz").write_bytes(packed[: len(packed) // 2])
+    assert batch.file_problem(tmp_path / "ok.png.gz", None) is None
+    assert batch.file_problem(tmp_path / "cut.idx.gz", None) == (
+        "is named as gzip but does not decompress (Truncated compressed stream)"
+    )
 
 
 def scorer_options(bundle: Path, **changes: Any) -> batch.Options:
@@ -280,3 +288,30 @@ def test_draws_over_the_servers_row_budget_are_refused_and_bound_the_batch(
     images = np.random.default_rng(2).integers(0, 256, (12, 28, 28), dtype=np.uint8)
     out = big(batch._rows([str(i) for i in range(12)], [png(im) for im in images], [None] * 12))
     assert out["error"].null_count == 12 and out["anomaly_map"].null_count == 0
+
+
+def test_a_parquet_source_is_checked_before_the_job(tmp_path: Path) -> None:
+    good = tmp_path / "good.parquet"
+    pq.write_table(pa.table({"image": [b"x"], "id": ["a"]}), good)
+    assert batch.image_column(good, "image", "id") == pa.binary()
+    with pytest.raises(batch.SourceError, match=r"has no column 'nope' \(columns: image, id\)"):
+        batch.image_column(good, "image", "nope")
+    (tmp_path / "fake.parquet").write_bytes(b"not parquet at all")
+    with pytest.raises(batch.SourceError, match="is not a readable Parquet file"):
+        batch.image_column(tmp_path / "fake.parquet", "image")
+
+
+def test_bad_output_and_threshold_are_refused_up_front(
+    tmp_path: Path, bundle: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "a.png").write_bytes(b"x")
+    (tmp_path / "file").write_text("")
+    argv = [str(tmp_path / "a.png"), "--bundle", str(bundle), "--out"]
+    assert batch.main([*argv, str(tmp_path / "file" / "out")]) == 2
+    assert "cannot be made (Not a directory)" in capsys.readouterr().err
+    assert batch.main([*argv, str(tmp_path / "file")]) == 2
+    assert "is not an empty directory" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        batch.main([*argv, str(tmp_path / "new"), "--threshold", "nan"])
+    assert exit_info.value.code == 2
+    assert "--threshold must be a finite number, got nan" in capsys.readouterr().err
