@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
+from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -18,7 +20,7 @@ from model.config import VAEConfig
 from model.evaluate import evaluate
 from model.export import export_bundle
 from model.train import TrainConfig, model_from_checkpoint, pick_device, previous_run, train
-from service.bundle import SCORE_NAMES, BundleError
+from service.bundle import SCORE_NAMES, BundleError, read_manifest
 from service.cli import HelpFormatter
 
 log = logging.getLogger("vae")
@@ -29,6 +31,26 @@ def _ints(s: str) -> tuple[int, ...]:
         return tuple(int(v) for v in s.split(",") if v.strip())
     except ValueError as e:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from e
+
+
+def _at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: an integer of at least `low`."""
+
+    def integer(s: str) -> int:
+        value = int(s)  # argparse says "invalid integer value" for what is no integer
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    return integer
+
+
+def _finite(s: str) -> float:
+    """An argparse type: a finite number."""
+    value = float(s)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {s}")
+    return value
 
 
 def _size(s: str) -> tuple[int, int]:
@@ -109,7 +131,7 @@ def _train_parser(sub: Any) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--val-size",
-        type=float,
+        type=_finite,
         default=0.1,
         help="validation images: a fraction when < 1, else a count",
     )
@@ -142,9 +164,11 @@ def _train_parser(sub: Any) -> argparse.ArgumentParser:
         help="IWAE gradient estimator; dreg: doubly reparameterised (Tucker et al. 2018), a "
         "lower-variance encoder gradient for large k",
     )
-    p.add_argument("--patience", type=int, default=0, help="early stopping; 0 = off")
+    p.add_argument("--patience", type=_at_least(0), default=0, help="early stopping; 0 = off")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--threads", type=int, default=0, help="torch threads; 0 = torch's default")
+    p.add_argument(
+        "--threads", type=_at_least(0), default=0, help="torch threads; 0 = torch's default"
+    )
     p.add_argument("--resume", help="checkpoint to resume from (same run, same schedule)")
     p.add_argument(
         "--init-from",
@@ -166,15 +190,19 @@ def _export_parser(sub: Any) -> None:
     p.add_argument("--name", default="vae", help="model name in the manifest and /model")
     p.add_argument("--version", help="bundle version (default: a timestamp)")
     p.add_argument("--data", help="data for calibration and metrics (default: the training data)")
-    p.add_argument("--calibration-k", type=int, default=64, help="k for the -IWAE score table")
+    p.add_argument(
+        "--calibration-k", type=_at_least(1), default=64, help="k for the -IWAE score table"
+    )
     _default_score_option(p)
     p.add_argument(
         "--eval-k",
-        type=int,
+        type=_at_least(0),
         default=0,
         help="also measure test IWAE NLL with this k and store it (0 = skip)",
     )
-    p.add_argument("--eval-images", type=int, default=0, help="test images to evaluate; 0 = all")
+    p.add_argument(
+        "--eval-images", type=_at_least(0), default=0, help="test images to evaluate; 0 = all"
+    )
     p.add_argument("--metrics", type=Path, help="JSON file of metrics to store (from evaluate)")
     p.add_argument("--overwrite", action="store_true", help="replace a bundle already in --out")
     _common(p)
@@ -198,7 +226,9 @@ def _calibrate_parser(sub: Any) -> None:
     p.add_argument("bundle", type=Path, help="the bundle directory; its manifest.json is rewritten")
     p.add_argument("--data", help="the bundle's training data (default: its manifest's source)")
     p.add_argument("--version", help="new bundle version (default: unchanged)")
-    p.add_argument("--calibration-k", type=int, default=64, help="k for the -IWAE score table")
+    p.add_argument(
+        "--calibration-k", type=_at_least(1), default=64, help="k for the -IWAE score table"
+    )
     _default_score_option(p)
     _common(p)
 
@@ -213,9 +243,12 @@ def _evaluate_parser(sub: Any) -> None:
         "checkpoint", type=Path, help="a checkpoint written by vae train, or a bundle folder"
     )
     p.add_argument("--data", help="test data (default: the training data's test split)")
-    p.add_argument("--k", type=int, default=1000, help="IWAE samples per image")
+    p.add_argument("--k", type=_at_least(1), default=1000, help="IWAE samples per image")
     p.add_argument(
-        "--images", type=int, default=0, help="evaluate the first N test images; 0 = all"
+        "--images",
+        type=_at_least(0),
+        default=0,
+        help="evaluate the first N test images; 0 = all",
     )
     p.add_argument(
         "--binarize",
@@ -224,7 +257,9 @@ def _evaluate_parser(sub: Any) -> None:
         help="binarise the test images; auto: as the model was trained",
     )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--threads", type=int, default=0, help="torch threads; 0 = torch's default")
+    p.add_argument(
+        "--threads", type=_at_least(0), default=0, help="torch threads; 0 = torch's default"
+    )
     p.add_argument("--out", type=Path, help="write the metrics as JSON here")
     _common(p)
 
@@ -341,14 +376,21 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     """Recompute the bundle's validation split from its manifest and calibrate on it."""
+    checked = read_manifest(args.bundle)  # BundleError naming what is wrong, as vae serve's
     manifest = json.loads((args.bundle / "manifest.json").read_text())
-    data, source = manifest["data"], args.data or manifest["data"].get("source")
+    data, seed = manifest.get("data") or {}, (manifest.get("training") or {}).get("seed")
+    if not isinstance(data.get("val_images"), int) or not isinstance(seed, int):
+        raise ValueError(
+            f"{args.bundle}/manifest.json records no data.val_images or training.seed: calibrate "
+            "re-creates the validation split of vae train, so it needs a bundle from vae export"
+        )
+    source = args.data or data.get("source")
     if not source:
         raise ValueError(f"{args.bundle}/manifest.json names no data source; pass --data")
-    full = data_mod.load(source, "train", manifest["image"]["channels"])
+    full = data_mod.load(source, "train", checked.image.channels)
     if data.get("classes"):
         full = data_mod.filter_classes(full, data["classes"])
-    _, val = data_mod.split_validation(full, int(data["val_images"]), manifest["training"]["seed"])
+    _, val = data_mod.split_validation(full, data["val_images"], seed)
     calibration = calibrate(
         args.bundle,
         val.images.numpy(),

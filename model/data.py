@@ -131,6 +131,9 @@ def load_image_folder(
     if not directory.is_dir():
         raise DataError(f"image folder not found: {directory}")
     files = sorted(p for p in directory.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    for p in files:
+        if not p.is_file():  # a FIFO would block the read for ever, a device never end
+            raise DataError(f"{p} is not a regular file; move it out of the image folder")
     if not files:
         raise DataError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {directory}")
     classes = sorted(
@@ -143,7 +146,7 @@ def load_image_folder(
                 if decode:
                     opened.load()
                 return opened.copy() if decode else opened
-        except (UnidentifiedImageError, OSError, ValueError) as e:
+        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
             raise DataError(f"unreadable image {p}: {e}") from e
 
     # first pass: the size every image must share, and whether any has colour

@@ -7,7 +7,7 @@ import logging
 import os
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from pydantic import ValidationError
 
@@ -47,6 +47,18 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def _in_range(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: an integer from `low` to `high`."""
+
+    def integer(s: str) -> int:
+        value = int(s)  # argparse says "invalid integer value" for what is no integer
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be from {low} to {high}, got {value}")
+        return value
+
+    return integer
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `vae` argument parser; model commands pass their arguments through untouched."""
     parser = argparse.ArgumentParser(
@@ -61,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=HelpFormatter,
     )
     serve.add_argument("--host", default="127.0.0.1", help="interface to bind")
-    serve.add_argument("--port", type=int, default=8000, help="TCP port")
+    serve.add_argument("--port", type=_in_range(0, 65535), default=8000, help="TCP port")
     serve.add_argument(
         "--bundle", help="bundle directory (default: $VAE_BUNDLE, else the shipped MNIST bundle)"
     )
@@ -70,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--workers",
-        type=int,
+        type=_in_range(0, 1024),
         default=1,
         help="server processes, each with its own socket (SO_REUSEPORT) so connections spread "
         "evenly; 0: one per usable core. POST /admin/reload and SIGHUP reload every worker",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 import struct
 import urllib.error
 from pathlib import Path
@@ -191,6 +192,24 @@ def test_image_folder_unreadable_file(tmp_path: Path) -> None:
     (tmp_path / "broken.png").write_bytes(b"not a png at all")
     with pytest.raises(DataError, match=r"unreadable image .*broken.png"):
         data_mod.load(str(tmp_path))
+
+
+def test_image_folder_with_a_fifo_or_a_bomb_says_so(tmp_path: Path) -> None:
+    # a FIFO named .png blocked the read for ever; a decompression bomb was a traceback
+    _png(tmp_path / "a.png", (8, 8))
+    os.mkfifo(tmp_path / "zz.png")
+    with pytest.raises(DataError, match=r"zz.png is not a regular file; move it out"):
+        data_mod.load_image_folder(tmp_path)
+    (tmp_path / "zz.png").unlink()
+    with Image.new("L", (1, 1)) as tiny:
+        tiny.save(tmp_path / "bomb.png")
+    limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = 0  # every image is a bomb now: Pillow refuses it
+    try:
+        with pytest.raises(DataError, match=r"unreadable image .*could be decompression bomb"):
+            data_mod.load_image_folder(tmp_path)
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
 
 
 def test_empty_image_folder(tmp_path: Path) -> None:

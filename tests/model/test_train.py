@@ -145,6 +145,32 @@ def test_unknown_config_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert "unknown keys ['epocs']" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["train", "--val-size", "inf"], "argument --val-size: must be a finite number, got inf"),
+        (["train", "--val-size", "nan"], "argument --val-size: must be a finite number, got nan"),
+        (["train", "--patience", "-1"], "argument --patience: must be at least 0, got -1"),
+        (["evaluate", "x", "--k", "0"], "argument --k: must be at least 1, got 0"),
+        (["evaluate", "x", "--images", "-1"], "argument --images: must be at least 0, got -1"),
+        (["export", "x", "--out", "y", "--calibration-k", "0"], "must be at least 1, got 0"),
+        (["calibrate", "x", "--calibration-k", "-5"], "must be at least 1, got -5"),
+    ],
+)
+def test_bad_numbers_name_their_flag(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_an_unknown_device_is_one_line(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    assert main(["train", *DIGITS, "--out", str(tmp_path / "x"), "--device", "bogus"]) == 2
+    assert "--device 'bogus' is not one of auto, cpu, cuda or cuda:N" in caplog.text
+
+
 def test_iwae_fine_tuning_from_weights(run: Path, tmp_path: Path) -> None:
     out = tmp_path / "ft"
     args = [

@@ -52,6 +52,23 @@ def test_serve_help_shows_defaults(capsys: pytest.CaptureFixture[str]) -> None:
         assert entry.count("default") == 1, (flag, entry)
 
 
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--port", "99999"], "argument --port: must be from 0 to 65535, got 99999"),
+        (["--port", "-1"], "argument --port: must be from 0 to 65535, got -1"),
+        (["--workers", "-1"], "argument --workers: must be from 0 to 1024, got -1"),
+    ],
+)
+def test_serve_numbers_out_of_range_name_their_flag(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as e:  # 99999 was an OverflowError traceback from the socket
+        cli.main(["serve", *argv])
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
 def test_a_port_in_use_is_named(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tiny_bundle: Path
 ) -> None:
