@@ -216,6 +216,10 @@ def attacks(seconds: float) -> dict[str, tuple[int, Attack]]:
             ),
         ),
         "I /sample n=256": (4, get("/sample", params={"n": 256})),
+        f"I /sample n={max_rows} arrays": (
+            2,
+            get("/sample", params={"n": max_rows, "format": "arrays"}),
+        ),
         f"I v2 decoder {max_rows} rows": (
             2,
             post("/v2/models/mnist-vae-decoder/infer", content=v2_body, headers=json_headers),
