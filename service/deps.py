@@ -34,11 +34,15 @@ async def require_api_key(request: Request, settings: SettingsDep) -> None:
     """With VAE_API_KEY set, require it as `X-API-Key` or `Authorization: Bearer`; 401 else."""
     if settings.api_key is None:
         return
-    supplied = request.headers.get("x-api-key")
+    keys = request.headers.getlist("x-api-key")
+    supplied = keys[0] if keys else None
     if supplied is None:
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         supplied = token.strip() if scheme.lower() == "bearer" else None
-    if not supplied:
+    twice = len(keys) > 1 or len(request.headers.getlist("authorization")) > 1
+    if twice:  # which one counts would depend on the reader: no key is taken from two
+        problem = "more than one API key header"
+    elif not supplied:
         problem = "missing API key"
     elif hmac.compare_digest(supplied.encode(), settings.api_key.get_secret_value().encode()):
         return

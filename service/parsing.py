@@ -110,9 +110,24 @@ async def parse_body(body: bytes, parse: Callable[[bytes], T]) -> T:
     return await asyncio.to_thread(parse, body)
 
 
+def decode_json(data: bytes) -> Any:
+    """`json.loads(data)`, refusing an object that names a key twice: the last would silently
+    win, and `{"images": [a, b], "images": [a]}` be scored as one image."""
+    return json.loads(data, object_pairs_hook=_unique_keys)
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    found = dict(pairs)
+    if len(found) < len(pairs):
+        keys = [key for key, _ in pairs]
+        twice = next(key for i, key in enumerate(keys) if key in keys[:i])
+        raise json.JSONDecodeError(f"key {twice!r} given twice; give each key once", "", 0)
+    return found
+
+
 async def load_json(body: bytes) -> Any:
-    """`json.loads(body)`, off the event loop when large (parse_body)."""
-    return await parse_body(body, json.loads)
+    """`decode_json(body)`, off the event loop when large (parse_body)."""
+    return await parse_body(body, decode_json)
 
 
 class JSONRequest(Request):
@@ -143,7 +158,7 @@ async def read_json(request: Request, model: type[Q]) -> Q:
     if not body:
         raise invalid(("body",), "Field required", "missing")
     try:
-        return await parse_body(body, lambda data: model.model_validate(json.loads(data)))
+        return await parse_body(body, lambda data: model.model_validate(decode_json(data)))
     except ValidationError as exc:
         raise body_errors(exc) from None
     except RecursionError:

@@ -51,9 +51,13 @@ FLOATS_PER_PIECE = 1 << 16
 
 
 def _error_text(exc: RequestValidationError) -> str:
-    return "; ".join(
-        f"{'.'.join(map(str, error['loc']))}: {error['msg']}" for error in exc.errors()
-    )
+    def text(error: dict[str, Any]) -> str:
+        reason = (error.get("ctx") or {}).get("error")  # what the JSON decoder said, if it did
+        return f"{'.'.join(map(str, error['loc']))}: {error['msg']}" + (
+            f" ({reason})" if reason else ""
+        )
+
+    return "; ".join(text(error) for error in exc.errors())
 
 
 class V2Route(JSONRoute):

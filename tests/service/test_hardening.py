@@ -189,6 +189,21 @@ def test_a_v2_request_id_with_an_unpaired_surrogate_comes_back_escaped(client: T
     assert json.loads(response.content)["id"] == "run-\ud800"
 
 
+@pytest.mark.parametrize(
+    "path, body",
+    [
+        ("/encode", '{"pixels": [[[0]]], "pixels": [[[0]], [[1]]]}'),
+        ("/decode", '{"z": [[0, 0, 0, 0, 0, 0, 0, 0]], "z": []}'),
+        ("/v2/models/tiny-bernoulli-decoder/infer", '{"inputs": [], "inputs": []}'),
+    ],
+)
+def test_a_key_given_twice_is_refused(client: TestClient, path: str, body: str) -> None:
+    # the last one silently won: {"images": [a, b], "images": [a]} was scored as one image
+    response = client.post(path, content=body, headers={"Content-Type": "application/json"})
+    assert response.status_code in (400, 422), response.text
+    assert "given twice; give each key once" in response.text
+
+
 def test_two_content_types_are_refused(client: TestClient) -> None:
     # the body limit and the route would each read a different one: JSON past its 1 MiB limit
     headers = [("Content-Type", "application/json"), ("Content-Type", "image/png")]

@@ -101,6 +101,11 @@ def test_api_key_is_required(make_client: MakeClient, method: str, path: str) ->
         assert wrong.status_code == 401 and wrong.json()["detail"].startswith("invalid API key")
         bearer_wrong = client.request(method, path, headers={"Authorization": "Bearer guess"})
         assert bearer_wrong.status_code == 401
+        # the right key and a wrong one: the first used to count, so the order decided
+        for pair in (["s3cret", "guess"], ["guess", "s3cret"]):
+            two = client.request(method, path, headers=[("X-API-Key", key) for key in pair])
+            assert two.status_code == 401
+            assert two.json()["detail"].startswith("more than one API key header")
 
 
 def test_api_key_accepted(make_client: MakeClient) -> None:
