@@ -45,6 +45,10 @@ class JSONResponse(responses.JSONResponse):
         return json_bytes(content)
 
 
+def _codings(value: bytes) -> list[bytes]:
+    return [coding.strip().lower() for coding in value.split(b",") if coding.strip()]
+
+
 def is_v2(scope: Scope) -> bool:
     """Whether the request is for the Open Inference Protocol's API (below the root path)."""
     path: str = scope["path"]
@@ -61,8 +65,9 @@ def error_response(scope: Scope, status: int, detail: Any, headers: Any = None) 
 class BodyLimitMiddleware:
     """413 for request bodies over `max_bytes` (JSON: MAX_JSON_BYTES), by Content-Length up front
     or while streaming; 400 for a request with two Content-Type headers (the limit and the route
-    would each read another one); 415 for a compressed body (Content-Encoding), which the service
-    would otherwise read as it is.
+    would each read another one); 415 for a compressed body (Content-Encoding) and 501 for a
+    transfer coding other than chunked (RFC 9112 6.1), which the service would otherwise read as
+    they are.
 
     Starlette ships a limiter too, but its 413 does not name the limit or the setting.
     """
@@ -87,6 +92,9 @@ class BodyLimitMiddleware:
         refusal = None
         if sum(name == b"content-type" for name, _ in scope["headers"]) > 1:
             refusal = 400, "the request has more than one Content-Type header; send one"
+        elif set(_codings(headers.get(b"transfer-encoding", b""))) - {b"chunked"}:
+            coding = headers[b"transfer-encoding"].decode("latin-1")
+            refusal = 501, f"Transfer-Encoding {coding!r} is not supported; send it chunked"
         elif (encoding := headers.get(b"content-encoding", b"").strip().lower()) not in IDENTITY:
             coding = encoding.decode("latin-1")
             refusal = 415, f"Content-Encoding {coding!r} is not supported: send the body as it is"

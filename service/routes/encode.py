@@ -3,7 +3,7 @@
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 from service.deps import ServedDep
 from service.objective import reparameterize
@@ -18,8 +18,17 @@ router = APIRouter(tags=["latents"], route_class=ModelRoute)
 class EncodeQuery(BaseModel):
     sample: bool = Field(default=False, description="also draw z = mu + sigma * eps")
     seed: int | None = Field(
-        default=None, ge=0, le=MAX_SEED, description="seed of eps; fresh when omitted"
+        default=None,
+        ge=0,
+        le=MAX_SEED,
+        description="seed of eps (with sample=true); fresh when omitted",
     )
+
+    @model_validator(mode="after")
+    def _seed_needs_sample(self) -> "EncodeQuery":
+        if self.seed is not None and not self.sample:
+            raise ValueError("seed draws z, which only sample=true does: add sample=true")
+        return self
 
 
 @router.post("/encode", response_model=EncodePublic, openapi_extra=IMAGES_OPENAPI)

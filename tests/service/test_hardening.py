@@ -227,6 +227,23 @@ def test_a_compressed_body_gets_a_415_naming_its_encoding(client: TestClient, pa
     assert client.post("/encode", content=PNG, headers=identity).status_code == 200
 
 
+def test_a_transfer_coding_other_than_chunked_is_501(client: TestClient) -> None:
+    headers = {"Content-Type": "image/png", "Transfer-Encoding": "gzip, chunked"}
+    response = client.post("/encode", content=iter([gzip.compress(PNG)]), headers=headers)
+    assert response.status_code == 501
+    assert response.json() == {
+        "detail": "Transfer-Encoding 'gzip, chunked' is not supported; send it chunked"
+    }
+
+
+def test_a_seed_without_sample_is_a_422(client: TestClient) -> None:
+    response = client.post("/encode?seed=5", files=files(PNG))
+    assert response.status_code == 422
+    assert "seed draws z, which only sample=true does" in response.json()["detail"][0]["msg"]
+    drawn = client.post("/encode?seed=5&sample=true", files=files(PNG)).json()
+    assert drawn["seed"] == 5
+
+
 @pytest.mark.parametrize(
     "path, query, loc, message",
     [
