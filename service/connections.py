@@ -139,14 +139,14 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             super().on_headers_complete()
         finally:
             self.limit_concurrency = limit
+        if not self.parser.should_upgrade():
+            # uvicorn appends a chunked body's trailers to `headers`, the list the app's scope
+            # holds: they go to a list of their own, which no one reads (MAX_FRAMING_BYTES
+            # bounds it); an upgrade (which uvicorn refuses here) still reads its headers
+            self.headers = []
         if self.cycle is not None and self.cycle.more_body:
             self._body_deadline = self.loop.time() + self.body_grace_s
             self._arm_body()
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        if self._reading_head:
-            super().on_header(name, value)
-        # else a trailer of a chunked body, after the app has its headers: dropped
 
     def on_body(self, body: bytes) -> None:
         self._framing -= len(body)
