@@ -8,7 +8,13 @@ from fastapi import HTTPException, Request, Response
 from pydantic import BaseModel, Field
 
 from service.imaging import F32, grid_png, to_png
-from service.schemas import ImagesPublic, OutputFormat, json_response, json_response_with_images
+from service.schemas import (
+    ImagesPublic,
+    OutputFormat,
+    array_items,
+    json_response,
+    json_response_with_list,
+)
 
 PNG = "image/png"
 JSON = "application/json"
@@ -107,5 +113,5 @@ def render_images(
     fields: dict[str, Any] = {"channels": c, "height": h, "width": w, "kind": kind}
     fields |= {k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in extra.items()}
     if fmt == "arrays":
-        return json_response_with_images(public, fields, "arrays", mean)
+        return json_response_with_list(public, fields, "arrays", array_items(mean))
     return json_response(public, {"images": png_base64(mean), **fields})

@@ -3,6 +3,7 @@
 import base64
 import binascii
 import functools
+from collections.abc import Iterable, Iterator
 from typing import Annotated, Any, Literal
 
 import numpy as np
@@ -257,20 +258,32 @@ def json_response(model: type[BaseModel], payload: dict[str, Any]) -> Response:
     return Response(adapter.dump_json(adapter.validate_python(payload)), media_type=JSON_MEDIA)
 
 
-def json_response_with_images(
-    model: type[BaseModel], payload: dict[str, Any], name: str, images: np.ndarray
+def json_response_with_list(
+    model: type[BaseModel], payload: dict[str, Any], name: str, items: Iterable[bytes]
 ) -> Response:
-    """`json_response`, with the array `images (B, ...)` as the field `name` (nested lists),
-    written one image at a time and joined once: the event loop runs between the images, where
-    8,192 of them validated and written in one call held the GIL for most of a second. Our own
-    float32 values need no validation; the other fields get it."""
+    """`json_response`, with the list field `name` given as its items' JSON texts, made and
+    joined one at a time: the event loop runs between them, where 8,192 images' arrays made and
+    written in one call held the GIL for most of a second (BENCHMARKS.md section 7)."""
     adapter = _adapter(model)
-    head = adapter.dump_json(adapter.validate_python(payload), exclude={name})
-    pieces = [head[:-1], b',"', name.encode(), b'":[']
-    for i, image in enumerate(images):
-        pieces += [b"," if i else b"", _JSON.dump_json(image.tolist())]
+    head = adapter.dump_json(adapter.validate_python({**payload, name: []}), exclude={name})
+    pieces = [head[:-1], b"," if len(head) > 2 else b"", b'"', name.encode(), b'":[']
+    for i, item in enumerate(items):
+        pieces += [b"," if i else b"", item]
     pieces.append(b"]}")
     return Response(b"".join(pieces), media_type=JSON_MEDIA)
+
+
+def array_items(images: np.ndarray) -> Iterator[bytes]:
+    """Each image of `images (B, ...)` as a JSON nested list (our own floats: no validation)."""
+    for image in images:
+        yield _JSON.dump_json(image.tolist())
+
+
+def model_items(model: type[BaseModel], rows: Iterable[dict[str, Any]]) -> Iterator[bytes]:
+    """Each row validated as `model` and written as JSON."""
+    adapter = _adapter(model)
+    for row in rows:
+        yield adapter.dump_json(adapter.validate_python(row))
 
 
 _JSON: TypeAdapter[Any] = TypeAdapter(Any)

@@ -78,7 +78,7 @@ class Verdict:
             return [None] * len(x)
         if self.heat == "png":
             return [heat_png(image, m) for image, m in zip(x, values, strict=True)]
-        return values.tolist()  # type: ignore[no-any-return]
+        return [m.tolist() for m in values]  # an image at a time: a short hold of the GIL each
 
     def columns(self, x: F32, result: Evaluation, samples: int, k: int | None) -> dict[str, Any]:
         """ElboResult's fields, each a column over the images, made by numpy (not per row)."""

@@ -9,7 +9,14 @@ from service.deps import ServedDep
 from service.parsing import IMAGES_OPENAPI, invalid, read_images
 from service.routing import ModelRoute
 from service.runtime import F32, MAX_SEED, Evaluation, off_loop
-from service.schemas import ElboPublic, Score, json_response
+from service.schemas import (
+    ElboPublic,
+    ElboResult,
+    Score,
+    json_response,
+    json_response_with_list,
+    model_items,
+)
 from service.verdict import MapFormat, Verdict, score_draws, threshold_for
 
 router = APIRouter(tags=["scores"], route_class=ModelRoute)
@@ -66,15 +73,16 @@ async def elbo(
 
 
 def respond(verdict: Verdict, x: F32, result: Evaluation, samples: int, k: int | None) -> Response:
-    """The JSON response, made in one pass by numpy and pydantic's compiled core."""
-    return json_response(
-        ElboPublic,
-        {
-            "seed": verdict.seed,
-            "score": verdict.score,
-            "score_draws": verdict.draws,
-            "threshold": verdict.threshold,
-            "threshold_source": verdict.source,
-            "results": verdict.rows(x, result, samples, k),
-        },
-    )
+    """The JSON response, by numpy and pydantic's compiled core: in one pass, or a result at a
+    time when the results carry anomaly maps (a large answer: the event loop runs between them)."""
+    fields = {
+        "seed": verdict.seed,
+        "score": verdict.score,
+        "score_draws": verdict.draws,
+        "threshold": verdict.threshold,
+        "threshold_source": verdict.source,
+    }
+    rows = verdict.rows(x, result, samples, k)
+    if result.anomaly_map is None:
+        return json_response(ElboPublic, {**fields, "results": rows})
+    return json_response_with_list(ElboPublic, fields, "results", model_items(ElboResult, rows))

@@ -158,6 +158,10 @@ def attacks(seconds: float) -> dict[str, tuple[int, Attack]]:
     latent_dim = json.loads((DEFAULT_BUNDLE / "manifest.json").read_text())["latent_dim"]
     v2_rows = {"name": "z", "shape": [max_rows, latent_dim], "datatype": "FP32"}
     v2_body = json.dumps({"inputs": [{**v2_rows, "data": [0] * (max_rows * latent_dim)}]})
+    z_body = json.dumps({"z": [[0] * latent_dim] * max_rows}, separators=(",", ":"))
+    npy = io.BytesIO()  # 4,000 binary images with their anomaly maps: a 72 MB answer
+    np.save(npy, (rng.random((4000, 1, 28, 28)) > 0.8).astype(np.float32))
+    npy_headers = {"Content-Type": "application/x-npy"}
 
     def post(path: str, **kwargs: Any) -> Callable[[str, int], str]:
         def attempt(url: str, i: int) -> str:
@@ -219,6 +223,14 @@ def attacks(seconds: float) -> dict[str, tuple[int, Attack]]:
         f"I /sample n={max_rows} arrays": (
             2,
             get("/sample", params={"n": max_rows, "format": "arrays"}),
+        ),
+        f"I /decode {max_rows} rows arrays": (
+            2,
+            post("/decode", params={"format": "arrays"}, content=z_body, headers=json_headers),
+        ),
+        "I /elbo 4000 images map=array": (
+            2,
+            post("/elbo", params={"map": "array"}, content=npy.getvalue(), headers=npy_headers),
         ),
         f"I v2 decoder {max_rows} rows": (
             2,
