@@ -7,7 +7,6 @@ import json
 import logging
 import math
 import sys
-from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from model.evaluate import evaluate
 from model.export import export_bundle
 from model.train import TrainConfig, model_from_checkpoint, pick_device, previous_run, train
 from service.bundle import SCORE_NAMES, BundleError, read_manifest
-from service.cli import HelpFormatter
+from service.cli import HelpFormatter, int_in_range
 
 log = logging.getLogger("vae")
 
@@ -31,18 +30,6 @@ def _ints(s: str) -> tuple[int, ...]:
         return tuple(int(v) for v in s.split(",") if v.strip())
     except ValueError as e:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from e
-
-
-def _at_least(low: int) -> Callable[[str], int]:
-    """An argparse type: an integer of at least `low`."""
-
-    def integer(s: str) -> int:
-        value = int(s)  # argparse says "invalid integer value" for what is no integer
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
-        return value
-
-    return integer
 
 
 def _finite(s: str) -> float:
@@ -164,10 +151,10 @@ def _train_parser(sub: Any) -> argparse.ArgumentParser:
         help="IWAE gradient estimator; dreg: doubly reparameterised (Tucker et al. 2018), a "
         "lower-variance encoder gradient for large k",
     )
-    p.add_argument("--patience", type=_at_least(0), default=0, help="early stopping; 0 = off")
+    p.add_argument("--patience", type=int_in_range(0), default=0, help="early stopping; 0 = off")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument(
-        "--threads", type=_at_least(0), default=0, help="torch threads; 0 = torch's default"
+        "--threads", type=int_in_range(0), default=0, help="torch threads; 0 = torch's default"
     )
     p.add_argument("--resume", help="checkpoint to resume from (same run, same schedule)")
     p.add_argument(
@@ -191,17 +178,17 @@ def _export_parser(sub: Any) -> None:
     p.add_argument("--version", help="bundle version (default: a timestamp)")
     p.add_argument("--data", help="data for calibration and metrics (default: the training data)")
     p.add_argument(
-        "--calibration-k", type=_at_least(1), default=64, help="k for the -IWAE score table"
+        "--calibration-k", type=int_in_range(1), default=64, help="k for the -IWAE score table"
     )
     _default_score_option(p)
     p.add_argument(
         "--eval-k",
-        type=_at_least(0),
+        type=int_in_range(0),
         default=0,
         help="also measure test IWAE NLL with this k and store it (0 = skip)",
     )
     p.add_argument(
-        "--eval-images", type=_at_least(0), default=0, help="test images to evaluate; 0 = all"
+        "--eval-images", type=int_in_range(0), default=0, help="test images to evaluate; 0 = all"
     )
     p.add_argument("--metrics", type=Path, help="JSON file of metrics to store (from evaluate)")
     p.add_argument("--overwrite", action="store_true", help="replace a bundle already in --out")
@@ -227,7 +214,7 @@ def _calibrate_parser(sub: Any) -> None:
     p.add_argument("--data", help="the bundle's training data (default: its manifest's source)")
     p.add_argument("--version", help="new bundle version (default: unchanged)")
     p.add_argument(
-        "--calibration-k", type=_at_least(1), default=64, help="k for the -IWAE score table"
+        "--calibration-k", type=int_in_range(1), default=64, help="k for the -IWAE score table"
     )
     _default_score_option(p)
     _common(p)
@@ -243,10 +230,10 @@ def _evaluate_parser(sub: Any) -> None:
         "checkpoint", type=Path, help="a checkpoint written by vae train, or a bundle folder"
     )
     p.add_argument("--data", help="test data (default: the training data's test split)")
-    p.add_argument("--k", type=_at_least(1), default=1000, help="IWAE samples per image")
+    p.add_argument("--k", type=int_in_range(1), default=1000, help="IWAE samples per image")
     p.add_argument(
         "--images",
-        type=_at_least(0),
+        type=int_in_range(0),
         default=0,
         help="evaluate the first N test images; 0 = all",
     )
@@ -258,7 +245,7 @@ def _evaluate_parser(sub: Any) -> None:
     )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument(
-        "--threads", type=_at_least(0), default=0, help="torch threads; 0 = torch's default"
+        "--threads", type=int_in_range(0), default=0, help="torch threads; 0 = torch's default"
     )
     p.add_argument("--out", type=Path, help="write the metrics as JSON here")
     _common(p)

@@ -47,12 +47,15 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def _in_range(low: int, high: int) -> Callable[[str], int]:
-    """An argparse type: an integer from `low` to `high`."""
+def int_in_range(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an integer of at least `low` (and at most `high`), the flag named in
+    argparse's message; `vae serve`'s and the model commands' numbers alike."""
 
     def integer(s: str) -> int:
         value = int(s)  # argparse says "invalid integer value" for what is no integer
-        if not low <= value <= high:
+        if high is None and value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        if high is not None and not low <= value <= high:
             raise argparse.ArgumentTypeError(f"must be from {low} to {high}, got {value}")
         return value
 
@@ -73,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=HelpFormatter,
     )
     serve.add_argument("--host", default="127.0.0.1", help="interface to bind")
-    serve.add_argument("--port", type=_in_range(0, 65535), default=8000, help="TCP port")
+    serve.add_argument("--port", type=int_in_range(0, 65535), default=8000, help="TCP port")
     serve.add_argument(
         "--bundle", help="bundle directory (default: $VAE_BUNDLE, else the shipped MNIST bundle)"
     )
@@ -82,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--workers",
-        type=_in_range(0, 1024),
+        type=int_in_range(0, 1024),
         default=1,
         help="server processes, each with its own socket (SO_REUSEPORT) so connections spread "
         "evenly; 0: one per usable core. POST /admin/reload and SIGHUP reload every worker",

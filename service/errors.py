@@ -2,6 +2,7 @@
 
 import json
 import logging
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from fastapi import HTTPException, Request, responses
@@ -38,6 +39,18 @@ def json_bytes(content: Any) -> bytes:
         return json.dumps(content, allow_nan=False, separators=(",", ":")).encode("ascii")
 
 
+def json_array(elements: Iterable[Iterable[bytes]]) -> Iterator[bytes]:
+    """The pieces of a JSON array whose elements are each given as the pieces of their JSON text,
+    for one `b"".join` at the end: a large answer written piece by piece lets the event loop run
+    between the pieces, where writing it whole held the GIL for up to half a second."""
+    yield b"["
+    for i, element in enumerate(elements):
+        if i:
+            yield b","
+        yield from element
+    yield b"]"
+
+
 class JSONResponse(responses.JSONResponse):
     """The service's JSON answers, every one of them (the app's default response class)."""
 
@@ -49,11 +62,16 @@ def _codings(value: bytes) -> list[bytes]:
     return [coding.strip().lower() for coding in value.split(b",") if coding.strip()]
 
 
-def is_v2(scope: Scope) -> bool:
-    """Whether the request is for the Open Inference Protocol's API (below the root path)."""
+def path_below_root(scope: Scope) -> str:
+    """The request's path below the app's root path, as Starlette's router sees it."""
     path: str = scope["path"]
     root: str = scope.get("root_path", "")
-    return (path[len(root) :] if root and path.startswith(root) else path).startswith(V2_PREFIX)
+    return path[len(root) :] if root and path.startswith(root) else path
+
+
+def is_v2(scope: Scope) -> bool:
+    """Whether the request is for the Open Inference Protocol's API."""
+    return path_below_root(scope).startswith(V2_PREFIX)
 
 
 def error_response(scope: Scope, status: int, detail: Any, headers: Any = None) -> JSONResponse:

@@ -19,6 +19,7 @@ from pydantic import BaseModel
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.deps import get_served
+from service.errors import path_below_root
 from service.parsing import NoQuery, read_query
 
 Handler = Callable[[Request], Coroutine[Any, Any, Response]]
@@ -82,8 +83,7 @@ class ModelEndpoints:
 
 def _method_and_path(scope: Scope) -> tuple[str, str]:
     """The request's method and path below the app's root path, as Starlette's router sees it."""
-    path, root = scope["path"], scope.get("root_path", "")
-    return scope["method"], path[len(root) :] if root and path.startswith(root) else path
+    return scope["method"], path_below_root(scope)
 
 
 def _handler_for(handlers: dict[Any, Any], exc: Exception) -> Any:

@@ -20,6 +20,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from service.bundle import Manifest, ScoreName
+from service.errors import json_array, json_bytes
 
 # A 28x28 black PNG, for the OpenAPI examples.
 BLACK_28X28_PNG = (
@@ -261,22 +262,20 @@ def json_response(model: type[BaseModel], payload: dict[str, Any]) -> Response:
 def json_response_with_list(
     model: type[BaseModel], payload: dict[str, Any], name: str, items: Iterable[bytes]
 ) -> Response:
-    """`json_response`, with the list field `name` given as its items' JSON texts, made and
-    joined one at a time: the event loop runs between them, where 8,192 images' arrays made and
+    """`json_response`, with the list field `name` given as its items' JSON texts, made one at a
+    time and joined once: the event loop runs between them, where 8,192 images' arrays made and
     written in one call held the GIL for most of a second (BENCHMARKS.md section 7)."""
     adapter = _adapter(model)
     head = adapter.dump_json(adapter.validate_python({**payload, name: []}), exclude={name})
-    pieces = [head[:-1], b"," if len(head) > 2 else b"", b'"', name.encode(), b'":[']
-    for i, item in enumerate(items):
-        pieces += [b"," if i else b"", item]
-    pieces.append(b"]}")
-    return Response(b"".join(pieces), media_type=JSON_MEDIA)
+    field = [head[:-1], b"," if len(head) > 2 else b"", b'"', name.encode(), b'":']
+    elements = ((item,) for item in items)
+    return Response(b"".join([*field, *json_array(elements), b"}"]), media_type=JSON_MEDIA)
 
 
 def array_items(images: np.ndarray) -> Iterator[bytes]:
     """Each image of `images (B, ...)` as a JSON nested list (our own floats: no validation)."""
     for image in images:
-        yield _JSON.dump_json(image.tolist())
+        yield json_bytes(image.tolist())
 
 
 def model_items(model: type[BaseModel], rows: Iterable[dict[str, Any]]) -> Iterator[bytes]:
@@ -284,9 +283,6 @@ def model_items(model: type[BaseModel], rows: Iterable[dict[str, Any]]) -> Itera
     adapter = _adapter(model)
     for row in rows:
         yield adapter.dump_json(adapter.validate_python(row))
-
-
-_JSON: TypeAdapter[Any] = TypeAdapter(Any)
 
 
 @functools.cache

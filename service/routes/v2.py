@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException
 
 from service import __version__
 from service.deps import RuntimeDep, SettingsDep, require_api_key
-from service.errors import JSONResponse, json_bytes
+from service.errors import JSONResponse, json_array, json_bytes
 from service.parsing import JSONRoute
 from service.runtime import F32, Runtime, off_loop
 from service.v2_schemas import (
@@ -348,8 +348,8 @@ def _respond(
     # the JSON text in pieces, joined once: each piece holds the GIL a few milliseconds and the
     # event loop runs between them; written whole (or copied piece on piece), the 6.4 million
     # floats of an 8,192-row decoder answer held it for half a second (BENCHMARKS.md section 7)
-    pieces = [json_bytes(answer)[:-1], b',"outputs":[']
-    for i, name in enumerate(wanted):
+    outputs = []
+    for name in wanted:
         value = results[name]
         bad = ~np.isfinite(value.reshape(len(value), -1)).all(axis=1)
         if bad.any():
@@ -358,13 +358,13 @@ def _respond(
                 "send inputs of a sensible size"
             )
         meta = {"name": name, "shape": list(value.shape), "datatype": DATATYPE}
-        pieces += [b"," if i else b"", json_bytes(meta)[:-1], b',"data":[']
         flat = value.ravel()
-        for start in range(0, flat.size, FLOATS_PER_PIECE):
-            floats = json_bytes(flat[start : start + FLOATS_PER_PIECE].tolist())
-            pieces += [b"," if start else b"", floats[1:-1]]
-        pieces.append(b"]}")
-    pieces.append(b"]}")
+        runs = [
+            (json_bytes(flat[start : start + FLOATS_PER_PIECE].tolist())[1:-1],)
+            for start in range(0, flat.size, FLOATS_PER_PIECE)
+        ]
+        outputs.append([json_bytes(meta)[:-1], b',"data":', *json_array(runs), b"}"])
+    pieces = [json_bytes(answer)[:-1], b',"outputs":', *json_array(outputs), b"}"]
     return Response(b"".join(pieces), media_type="application/json")
 
 

@@ -131,6 +131,19 @@ def test_a_silent_connection_is_closed(address: tuple[str, int]) -> None:
     assert time.monotonic() - start < 3
 
 
+def closed_unanswered(
+    address: tuple[str, int], caplog: pytest.LogCaptureFixture, *chunks: bytes, pause: float = 0.0
+) -> tuple[float, list[str]]:
+    """Send `chunks`; assert the server closed the connection without an answer. The seconds it
+    took, and the messages logged (a moment allowed for the server's own log lines)."""
+    with caplog.at_level(logging.INFO):
+        start = time.monotonic()
+        assert exchange(address, *chunks, pause=pause) == b""  # closed, nothing answered
+        took = time.monotonic() - start
+        time.sleep(0.2)
+    return took, [r.getMessage() for r in caplog.records]
+
+
 def test_a_stalled_body_closes_the_connection_in_one_log_line(
     address: tuple[str, int], caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -138,12 +151,8 @@ def test_a_stalled_body_closes_the_connection_in_one_log_line(
         b"POST /encode HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
         b"Content-Length: 1000\r\n\r\n--b\r\n"
     )
-    with caplog.at_level(logging.INFO):
-        start = time.monotonic()
-        assert exchange(address, head) == b""  # closed, nothing answered
-        assert time.monotonic() - start < 3
-        time.sleep(0.2)
-    messages = [r.getMessage() for r in caplog.records]
+    took, messages = closed_unanswered(address, caplog, head)
+    assert took < 3
     assert any("sent its body with a pause of 0.5 s; closing its connection" in m for m in messages)
     assert any(m.endswith("disconnected before sending all of POST /encode") for m in messages)
     assert not any(r.exc_info for r in caplog.records), messages
@@ -159,13 +168,8 @@ def test_a_body_that_trickles_in_below_the_least_rate_is_closed(
         b"POST /encode HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
         b"Content-Length: 1000\r\n\r\n"
     )
-    with caplog.at_level(logging.INFO):
-        start = time.monotonic()
-        assert exchange(address, head, *[b"x"] * 40, pause=0.1) == b""  # closed, no answer
-        took = time.monotonic() - start
-        time.sleep(0.2)
+    took, messages = closed_unanswered(address, caplog, head, *[b"x"] * 40, pause=0.1)
     assert GRACE_S <= took < 3, took
-    messages = [r.getMessage() for r in caplog.records]
     assert any("sent its body slower than 100 B/s on average; closing" in m for m in messages)
 
 

@@ -393,13 +393,13 @@ def test_large_multipart_bodies_are_parsed_off_the_event_loop(
     on_loop: list[bool] = []
     file_parts = service.parsing._file_parts
 
-    def recording(body: bytes, boundary: bytes) -> Any:
+    def recording(body: bytes, boundary: bytes, found: int) -> Any:
         try:
             asyncio.get_running_loop()
             on_loop.append(True)
         except RuntimeError:
             on_loop.append(False)
-        return file_parts(body, boundary)
+        return file_parts(body, boundary, found)
 
     monkeypatch.setattr("service.parsing._file_parts", recording)
     count = INLINE_BODY_BYTES // len(PNG) + 1
