@@ -1,4 +1,4 @@
-"""`vae train | export | evaluate`: the torch side of the command line."""
+"""`vae train | fit-prior | export | calibrate | evaluate`: the torch side of the command line."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import json
 import logging
 import math
 import sys
-from dataclasses import fields
+import time
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +17,17 @@ import torch
 from model import data as data_mod
 from model.calibrate import calibrate, write_calibration
 from model.config import VAEConfig
-from model.evaluate import evaluate
+from model.evaluate import bounds, evaluate
 from model.export import export_bundle
-from model.train import TrainConfig, model_from_checkpoint, pick_device, previous_run, train
+from model.prior import PriorFit, fit_prior
+from model.train import (
+    TrainConfig,
+    model_from_checkpoint,
+    pick_device,
+    previous_run,
+    save_atomic,
+    train,
+)
 from service.bundle import SCORE_NAMES, BundleError, read_manifest
 from service.cli import HelpFormatter, int_in_range
 
@@ -99,6 +108,13 @@ def _train_parser(sub: Any) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--hidden-dims", type=_ints, default="512", help="fully connected layers' widths"
+    )
+    p.add_argument(
+        "--prior-components",
+        type=int_in_range(0, 65536),
+        default=0,
+        help="P(z): 0 for N(0, I), K for a mixture of K Gaussians learned with the networks "
+        "(vae fit-prior fits one to a trained model, which is how the shipped one was made)",
     )
     p.add_argument(
         "--likelihood",
@@ -251,6 +267,28 @@ def _evaluate_parser(sub: Any) -> None:
     _common(p)
 
 
+def _fit_prior_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "fit-prior",
+        help="fit a mixture-of-Gaussians prior P(z) to a trained model (networks unchanged)",
+        formatter_class=HelpFormatter,
+    )
+    p.add_argument(
+        "checkpoint", type=Path, help="a checkpoint written by vae train, or a bundle folder"
+    )
+    p.add_argument("--out", type=Path, required=True, help="the checkpoint to write (for export)")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.add_argument("--data", help="the training data (default: the checkpoint's)")
+    fit = PriorFit()
+    p.add_argument("--components", type=int_in_range(1, 65536), default=fit.components, help="K")
+    p.add_argument("--steps", type=int_in_range(1), default=fit.steps, help="Adam steps of the fit")
+    p.add_argument("--lr", type=_finite, default=fit.lr, help="Adam learning rate")
+    p.add_argument(
+        "--threads", type=int_in_range(0), default=0, help="torch threads; 0 = torch's default"
+    )
+    _common(p)
+
+
 def _data_source(ckpt: dict[str, Any], override: str | None) -> str:
     return override or str(ckpt["train"]["data"])
 
@@ -301,6 +339,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         likelihood=likelihood,
         sigma=args.sigma,
         learn_sigma=args.learn_sigma and likelihood == "gaussian",
+        prior_components=args.prior_components,
     )
     names = {f.name for f in fields(TrainConfig)} - {"extra"}
     kw = {k: v for k, v in vars(args).items() if k in names}
@@ -309,6 +348,84 @@ def cmd_train(args: argparse.Namespace) -> int:
     tc = TrainConfig(**kw)
     result = train(cfg, tc, full)
     log.info("done: %s", json.dumps(result.summary))
+    return 0
+
+
+def _splits(
+    ckpt: dict[str, Any], cfg: VAEConfig, source: str
+) -> tuple[data_mod.Dataset, data_mod.Dataset]:
+    """The training and validation splits the checkpoint's run used."""
+    full = data_mod.load(source, "train", cfg.channels, (cfg.height, cfg.width))
+    classes = ckpt["train"].get("classes")
+    if classes:
+        full = data_mod.filter_classes(full, classes)
+    return data_mod.split_validation(full, ckpt["train"]["val_size"], ckpt["train"]["seed"])
+
+
+def _training_record(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """What the manifest records of the training: a run checkpoint's, computed from its history;
+    a bundle's or a fitted prior's, as recorded."""
+    if "training" in ckpt:
+        return dict(ckpt["training"])
+    return {
+        "epochs": ckpt["epoch"],
+        "seed": ckpt["train"]["seed"],
+        "objective": ckpt["train"]["objective"],
+        "init_from": ckpt["train"].get("init_from"),
+        "batch_size": ckpt["train"]["batch_size"],
+        "seconds": sum(h["seconds"] for h in ckpt["history"]),
+        "world_size": ckpt.get("world_size", 1),
+    }
+
+
+# IWAE samples of the held-out bound `vae fit-prior` reports before and after the fit
+FIT_CHECK_K = 50
+
+
+def cmd_fit_prior(args: argparse.Namespace) -> int:
+    if args.out.exists() and not args.force:
+        raise FileExistsError(f"--out {args.out} exists; pass --force to replace it")
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    model, ckpt = model_from_checkpoint(args.checkpoint)
+    source = _data_source(ckpt, args.data)
+    train_ds, val = _splits(ckpt, model.cfg, source)
+    binarize = ckpt["train"]["binarize"] == "dynamic"
+    fit = PriorFit(components=args.components, steps=args.steps, lr=args.lr, seed=args.seed)
+    t0 = time.time()
+    fitted = fit_prior(model, train_ds.images, fit, binarize)
+    seconds = time.time() - t0
+    checks = {
+        name: bounds(m, val.images, FIT_CHECK_K, args.seed, binarize, batch_size=500)["iwae"]
+        for name, m in (("before", model), ("after", fitted))
+    }
+    log.info(
+        "held-out IWAE-%d (%d validation images): %.3f with %s, %.3f with the mixture (%+.3f)",
+        FIT_CHECK_K,
+        len(val.images),
+        checks["before"],
+        "its prior" if model.cfg.prior_components else "N(0, I)",
+        checks["after"],
+        checks["after"] - checks["before"],
+    )
+    record = {
+        **asdict(fit),
+        "from": str(args.checkpoint),
+        "seconds": round(seconds, 1),
+        "data": f"the training split of {source}",
+        f"val_iwae_{FIT_CHECK_K}_before": checks["before"],
+        f"val_iwae_{FIT_CHECK_K}_after": checks["after"],
+    }
+    out = {
+        **{k: v for k, v in ckpt.items() if k not in ("optimizer", "scheduler")},
+        "config": fitted.cfg.to_dict(),
+        "model": fitted.state_dict(),
+        "training": {**_training_record(ckpt), "prior_fit": record},
+        "best_val_bound": None,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    save_atomic(out, args.out)
+    print(args.out)
     return 0
 
 
@@ -321,12 +438,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     model, ckpt = model_from_checkpoint(args.checkpoint)
     cfg = model.cfg
     source = _data_source(ckpt, args.data)
-    full = data_mod.load(source, "train", cfg.channels, (cfg.height, cfg.width))
-    classes = ckpt["train"].get("classes")
-    if classes:
-        full = data_mod.filter_classes(full, classes)
-    val_size = ckpt["train"]["val_size"]
-    _, val = data_mod.split_validation(full, val_size, ckpt["train"]["seed"])
+    _, val = _splits(ckpt, cfg, source)
     best = ckpt.get("best_val_bound", ckpt.get("best_val_elbo"))  # older checkpoints: _elbo
     metrics: dict[str, Any] = {"best_val_bound": best}
     if args.metrics:
@@ -334,15 +446,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.eval_k:
         x = _test_images(source, cfg, ckpt, args.eval_images)
         metrics.update(evaluate(model, x, k=args.eval_k, seed=args.seed))
-    training = {
-        "epochs": ckpt["epoch"],
-        "seed": ckpt["train"]["seed"],
-        "objective": ckpt["train"]["objective"],
-        "init_from": ckpt["train"].get("init_from"),
-        "batch_size": ckpt["train"]["batch_size"],
-        "seconds": sum(h["seconds"] for h in ckpt["history"]),
-        "world_size": ckpt.get("world_size", 1),
-    }
+    training = _training_record(ckpt)
     export_bundle(
         model,
         args.out,
@@ -414,6 +518,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     _export_parser(sub)
     _calibrate_parser(sub)
     _evaluate_parser(sub)
+    _fit_prior_parser(sub)
     return parser, train_parser
 
 
@@ -445,6 +550,7 @@ def main(argv: list[str] | None = None) -> int:
             "export": cmd_export,
             "calibrate": cmd_calibrate,
             "evaluate": cmd_evaluate,
+            "fit-prior": cmd_fit_prior,
         }
         return commands[args.command](args)
     except (data_mod.DataError, BundleError, ValueError, FileNotFoundError, FileExistsError) as e:

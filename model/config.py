@@ -23,6 +23,9 @@ class VAEConfig:
     likelihood: Likelihood = "bernoulli"
     sigma: float = 0.1  # Gaussian P(X|z) = N(f(z), sigma^2 I); the initial value when learned
     learn_sigma: bool = False
+    # P(z): 0 is the tutorial's N(0, I); K > 0 a learned mixture of K diagonal Gaussians
+    # (model/prior.py fits one to a trained model; docs/BUNDLE.md, schema 2)
+    prior_components: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -40,6 +43,8 @@ class VAEConfig:
             )
         if self.sigma <= 0:
             raise ValueError(f"sigma must be positive, got {self.sigma}")
+        if self.prior_components < 0:
+            raise ValueError(f"prior_components must be 0 or more, got {self.prior_components}")
         if any(d <= 0 for d in (*self.conv_channels, *self.hidden_dims)):
             raise ValueError("conv_channels and hidden_dims must be positive")
         if self.architecture == "conv":

@@ -49,13 +49,15 @@ def bounds(
         xb = xb.to(device)
         mu, logvar = model.encode(xb)
         eps = torch.randn((1, *mu.shape), generator=g_elbo).to(device)
-        t = elbo(model.decode, xb, mu, logvar, eps, cfg.likelihood, sigma)
+        t = elbo(model.decode, xb, mu, logvar, eps, cfg.likelihood, sigma, model.prior)
         sums["elbo"] += float(t.elbo.sum())
         sums["reconstruction"] += float(t.reconstruction.sum())
         sums["kl"] += float(t.kl.sum())
         if k:
             eps = torch.randn((k, *mu.shape), generator=g_iwae).to(device)
-            bound = iwae(model.decode, xb, mu, logvar, eps, cfg.likelihood, sigma, chunk=chunk)
+            bound = iwae(
+                model.decode, xb, mu, logvar, eps, cfg.likelihood, sigma, model.prior, chunk
+            )
             sums["iwae"] += float(bound.sum())
     return {key: v / len(x) for key, v in sums.items()}
 

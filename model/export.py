@@ -1,4 +1,5 @@
-"""Export a trained VAE as a servable bundle: encoder.onnx, decoder.onnx and manifest.json.
+"""Export a trained VAE as a servable bundle: encoder.onnx, decoder.onnx and manifest.json, and
+prior.npz when P(z) is a mixture.
 
 The bundle format is specified in docs/BUNDLE.md.
 """
@@ -24,13 +25,19 @@ import torch
 from model.calibrate import calibrate
 from model.config import VAEConfig
 from model.networks import VAE
-from service.bundle import DECODER_FILE, ENCODER_FILE, read_manifest, verify_file
+from service.bundle import (
+    DECODER_FILE,
+    ENCODER_FILE,
+    PRIOR_FILE,
+    read_manifest,
+    read_prior,
+    verify_file,
+)
 
 log = logging.getLogger(__name__)
 
-BUNDLE_FILES = frozenset({"manifest.json", "encoder.onnx", "decoder.onnx"})
+BUNDLE_FILES = frozenset({"manifest.json", ENCODER_FILE, DECODER_FILE, PRIOR_FILE})
 
-SCHEMA_VERSION = 1
 MAX_ABS_ERROR = 1e-4
 
 
@@ -98,8 +105,13 @@ def bundle_checkpoint(bundle: Path) -> dict[str, Any]:
     config = manifest.config
     expected = VAE(VAEConfig.from_dict(config)).state_dict()
     found: dict[str, torch.Tensor] = {}
-    for name in (ENCODER_FILE, DECODER_FILE):
+    for name in manifest.file_names:
         verify_file(bundle / name, manifest.files[name])  # size and SHA-256, as the server does
+    if manifest.prior is not None:
+        prior = read_prior(bundle / PRIOR_FILE, manifest.prior, manifest.latent_dim)
+        for key, array in zip(("prior_logits", "prior_means", "prior_logvars"), prior, strict=True):
+            found[key] = torch.from_numpy(array.copy())
+    for name in (ENCODER_FILE, DECODER_FILE):
         graph = onnx.load(str(bundle / name)).graph
         for init in graph.initializer:
             if init.name in expected:
@@ -120,6 +132,7 @@ def bundle_checkpoint(bundle: Path) -> dict[str, Any]:
         "config": config,
         "model": found,
         "epoch": training.get("epochs"),
+        "training": dict(training),
         "data": data,
         "train": {
             "data": data.get("source"),
@@ -214,9 +227,17 @@ def export_bundle(
             _DecoderOnly(model), torch.randn(2, cfg.latent_dim), tmp / "decoder.onnx", "z", [output]
         )
         err = check_onnx(model, tmp)
+        files = [ENCODER_FILE, DECODER_FILE]
+        prior_spec = None
+        if model.prior is not None:
+            # the mixture's arrays; schema 2 (docs/BUNDLE.md). N(0, I) bundles stay schema 1.
+            arrays = {k: v.detach().numpy() for k, v in model.prior._asdict().items()}
+            np.savez(tmp / PRIOR_FILE, **arrays)
+            files.append(PRIOR_FILE)
+            prior_spec = {"kind": "mixture", "components": cfg.prior_components, "file": PRIOR_FILE}
         now = dt.datetime.now(dt.UTC)
         manifest = {
-            "schema_version": SCHEMA_VERSION,
+            "schema_version": 2 if prior_spec else 1,
             "name": name,
             "version": version or now.strftime("%Y.%m.%d-%H%M%S"),
             "created": now.isoformat(timespec="seconds"),
@@ -231,9 +252,9 @@ def export_bundle(
             "training": training or {},
             "metrics": {**(metrics or {}), "onnx_max_abs_error": err},
             "files": {
-                f: {"sha256": sha256(tmp / f), "bytes": (tmp / f).stat().st_size}
-                for f in ("encoder.onnx", "decoder.onnx")
+                f: {"sha256": sha256(tmp / f), "bytes": (tmp / f).stat().st_size} for f in files
             },
+            **({"prior": prior_spec} if prior_spec else {}),
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         manifest["calibration"] = calibrate(

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from model.config import VAEConfig
+from model.objective import Mixture
 
 
 def _mlp(dims: list[int]) -> nn.Sequential:
@@ -78,7 +79,8 @@ class Decoder(nn.Module):
 
 
 class VAE(nn.Module):
-    """Q(z|X) and P(X|z) with a fixed or learned scalar sigma for the Gaussian likelihood."""
+    """Q(z|X) and P(X|z) with a fixed or learned scalar sigma for the Gaussian likelihood, and
+    P(z): N(0, I), or a learned mixture when cfg.prior_components > 0."""
 
     def __init__(self, cfg: VAEConfig) -> None:
         super().__init__()
@@ -90,6 +92,18 @@ class VAE(nn.Module):
             self.log_sigma: torch.Tensor = nn.Parameter(log_sigma)
         else:
             self.register_buffer("log_sigma", log_sigma)
+        k, d = cfg.prior_components, cfg.latent_dim
+        if k:  # a start for training from scratch; model/prior.py fits one to a trained model
+            self.prior_logits = nn.Parameter(torch.zeros(k))
+            self.prior_means = nn.Parameter(torch.randn(k, d))
+            self.prior_logvars = nn.Parameter(torch.zeros(k, d))
+
+    @property
+    def prior(self) -> Mixture | None:
+        """P(z) for the objective: None for N(0, I)."""
+        if not self.cfg.prior_components:
+            return None
+        return Mixture(self.prior_logits, self.prior_means, self.prior_logvars)
 
     @property
     def sigma(self) -> float:

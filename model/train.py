@@ -90,7 +90,7 @@ def pick_device(name: str) -> torch.device:
         raise ValueError(f"--device {name!r} is not one of auto, cpu, cuda or cuda:N") from None
 
 
-def _save_atomic(obj: Any, path: Path) -> None:
+def save_atomic(obj: Any, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
     tmp.replace(path)
@@ -253,6 +253,11 @@ def train(cfg: VAEConfig, tc: TrainConfig, full: data_mod.Dataset | None = None)
                 "and schedule; --init-from starts from its weights"
             )
         ckpt = matching_checkpoint(tc.resume, "--resume")
+        if "optimizer" not in ckpt:
+            raise ValueError(
+                f"--resume {tc.resume} holds weights but no optimizer or schedule (vae fit-prior "
+                "writes such checkpoints); --init-from starts from its weights"
+            )
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
         start_epoch, best = ckpt["epoch"] + 1, ckpt["best_val_bound"]
@@ -282,13 +287,15 @@ def train(cfg: VAEConfig, tc: TrainConfig, full: data_mod.Dataset | None = None)
         mu, logvar = net(xb) if distributed else model.encode(xb)
         sigma = model.log_sigma.exp()
         if tc.objective == "iwae" and tc.iwae_gradient == "dreg":
-            surrogate, bound = iwae_dreg(model.decode, xb, mu, logvar, eps, cfg.likelihood, sigma)
+            surrogate, bound = iwae_dreg(
+                model.decode, xb, mu, logvar, eps, cfg.likelihood, sigma, model.prior
+            )
             objective_sum = surrogate.sum()
         elif tc.objective == "iwae":
-            bound = iwae(model.decode, xb, mu, logvar, eps, cfg.likelihood, sigma)
+            bound = iwae(model.decode, xb, mu, logvar, eps, cfg.likelihood, sigma, model.prior)
             objective_sum = bound.sum()
         else:
-            t = elbo(model.decode, xb, mu, logvar, eps, cfg.likelihood, sigma)
+            t = elbo(model.decode, xb, mu, logvar, eps, cfg.likelihood, sigma, model.prior)
             objective_sum, bound = (t.reconstruction - beta * t.kl).sum(), t.elbo
         return -objective_sum * world / global_batch, bound.detach()
 
@@ -375,9 +382,9 @@ def train(cfg: VAEConfig, tc: TrainConfig, full: data_mod.Dataset | None = None)
                 },
                 "world_size": world,
             }
-            _save_atomic(ckpt, out / "checkpoint_last.pt")
+            save_atomic(ckpt, out / "checkpoint_last.pt")
             if improved:
-                _save_atomic(ckpt, out / "checkpoint_best.pt")
+                save_atomic(ckpt, out / "checkpoint_best.pt")
             last = epoch == tc.epochs or bool(tc.patience and since_best >= tc.patience)
             plot = last or time.time() - last_plot >= PLOT_EVERY_S
             _write_history(history, out, plot)

@@ -21,13 +21,17 @@ from pydantic import (
 )
 
 from service.memory import trim_heaps
+from service.objective import Mixture
 from service.settings import Device
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+# 1: P(z) = N(0, I); 2 adds a mixture prior (its parameters in prior.npz). The exporter writes 1
+# for bundles with N(0, I), so that servers before 2 still read them.
+SCHEMA_VERSIONS = (1, 2)
 ENCODER_FILE = "encoder.onnx"
 DECODER_FILE = "decoder.onnx"
+PRIOR_FILE = "prior.npz"
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 # Rows per decoder call: bounds the memory of IWAE with large k; normal requests fit in one call.
@@ -87,6 +91,16 @@ class FileEntry(BaseModel):
     bytes: int = Field(ge=1)
 
 
+class PriorSpec(BaseModel):
+    """A mixture-of-Gaussians prior P(z); its parameters are arrays in `file` (docs/BUNDLE.md)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    kind: Literal["mixture"]
+    components: int = Field(ge=1, le=65536)
+    file: Literal["prior.npz"] = "prior.npz"
+
+
 class ScoreCalibration(BaseModel):
     """Quantiles of one anomaly score on held-out normal data."""
 
@@ -144,11 +158,11 @@ class Calibration(BaseModel):
 
 
 class Manifest(BaseModel):
-    """`manifest.json`, schema version 1."""
+    """`manifest.json`, schema version 1 or 2."""
 
     model_config = ConfigDict(extra="allow", protected_namespaces=())
 
-    schema_version: Literal[1]
+    schema_version: Literal[1, 2]
     name: str
     version: str
     created: str | None = None
@@ -163,6 +177,9 @@ class Manifest(BaseModel):
     training: dict[str, Any] = {}
     metrics: dict[str, Any] = {}
     files: dict[str, FileEntry]
+    prior: PriorSpec | None = Field(
+        default=None, description="P(z) when it is not N(0, I) (schema 2)"
+    )
     calibration: Calibration | None = None
 
     @model_validator(mode="after")
@@ -174,10 +191,17 @@ class Manifest(BaseModel):
             raise ValueError(
                 f"decoder_output must be {expected!r} for likelihood {self.likelihood!r}"
             )
-        for name in (ENCODER_FILE, DECODER_FILE):
+        for name in self.file_names:
             if name not in self.files:
                 raise ValueError(f"files has no entry for {name}")
+        if (self.prior is not None) != (self.schema_version == 2):
+            raise ValueError("a mixture prior comes with schema_version 2, and only with it")
         return self
+
+    @property
+    def file_names(self) -> tuple[str, ...]:
+        """The files the bundle holds besides manifest.json."""
+        return (ENCODER_FILE, DECODER_FILE, *((PRIOR_FILE,) if self.prior else ()))
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -210,10 +234,10 @@ def read_manifest(path: Path) -> Manifest:
         raise BundleError(f"{file} is missing") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BundleError(f"{file} is not readable JSON: {exc}") from None
-    if isinstance(raw, dict) and raw.get("schema_version") != SCHEMA_VERSION:
+    if isinstance(raw, dict) and raw.get("schema_version") not in SCHEMA_VERSIONS:
         raise BundleError(
             f"{file}: schema_version {raw.get('schema_version')!r} is not supported "
-            f"(this server reads {SCHEMA_VERSION})"
+            f"(this server reads {' and '.join(map(str, SCHEMA_VERSIONS))})"
         )
     try:
         return Manifest.model_validate(raw)
@@ -281,14 +305,47 @@ def _check_io(
             )
 
 
+def read_prior(path: Path, spec: PriorSpec, latent_dim: int) -> Mixture:
+    """The mixture's arrays from `path` (prior.npz): `logits (K,)`, `means (K, D)` and
+    `logvars (K, D)`, finite float32; BundleError names what is wrong."""
+    shapes = {
+        "logits": (spec.components,),
+        "means": (spec.components, latent_dim),
+        "logvars": (spec.components, latent_dim),
+    }
+    try:
+        npz = np.load(path, allow_pickle=False)
+        if not isinstance(npz, np.lib.npyio.NpzFile):
+            raise ValueError("it is one .npy array")
+        with npz:
+            arrays = {name: np.asarray(npz[name]) for name in shapes if name in npz.files}
+            names = set(npz.files)
+    except Exception as exc:  # numpy and zipfile raise many types for a bad file
+        raise BundleError(f"{path} is not a readable .npz of arrays: {exc}") from None
+    if names != set(shapes):
+        raise BundleError(f"{path} holds {sorted(names)}, expected {sorted(shapes)}")
+    for name, shape in shapes.items():
+        array = arrays[name]
+        if array.shape != shape or array.dtype != np.float32:
+            raise BundleError(
+                f"{path}: {name} is {array.dtype} {array.shape}, expected float32 {shape} "
+                f"({spec.components} components of latent_dim {latent_dim})"
+            )
+        if not np.isfinite(array).all():
+            raise BundleError(f"{path}: {name} is not finite everywhere")
+    return Mixture(**arrays)
+
+
 @dataclass(frozen=True)
 class Bundle:
-    """A loaded bundle: manifest plus one onnxruntime session per network, created once."""
+    """A loaded bundle: manifest plus one onnxruntime session per network, created once, and the
+    prior's arrays when it is a mixture (None: N(0, I))."""
 
     path: Path
     manifest: Manifest
     encoder: ort.InferenceSession
     decoder: ort.InferenceSession
+    prior: Mixture | None = None
 
     @property
     def providers(self) -> list[str]:
@@ -339,8 +396,11 @@ def _session(path: Path, options: ort.SessionOptions, providers: list[str]) -> o
 def load_bundle(path: Path, *, device: Device = "auto", threads: int = 1) -> Bundle:
     """Validate and open the bundle at `path`; any problem raises BundleError naming the file."""
     manifest = read_manifest(path)
-    for name in (ENCODER_FILE, DECODER_FILE):
+    for name in manifest.file_names:
         verify_file(path / name, manifest.files[name])
+    prior = None
+    if manifest.prior is not None:
+        prior = read_prior(path / PRIOR_FILE, manifest.prior, manifest.latent_dim)
     providers = select_providers(device)
 
     options = ort.SessionOptions()
@@ -368,4 +428,4 @@ def load_bundle(path: Path, *, device: Device = "auto", threads: int = 1) -> Bun
         path / DECODER_FILE, decoder.get_outputs(), "outputs", {manifest.decoder_output: (c, h, w)}
     )
     log.info("loaded bundle %s %s from %s on %s", manifest.name, manifest.version, path, active)
-    return Bundle(path=path, manifest=manifest, encoder=encoder, decoder=decoder)
+    return Bundle(path=path, manifest=manifest, encoder=encoder, decoder=decoder, prior=prior)

@@ -20,6 +20,7 @@ log = logging.getLogger("service.cli")
 
 MODEL_COMMANDS = {
     "train": "train a VAE on images",
+    "fit-prior": "fit a mixture-of-Gaussians prior to a trained model",
     "export": "export a checkpoint to a bundle (manifest.json + ONNX)",
     "evaluate": "evaluate a checkpoint or bundle on test data",
     "calibrate": "recalibrate a bundle's anomaly scores from its ONNX files",

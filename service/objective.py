@@ -34,8 +34,17 @@ class ElboTerms(NamedTuple):
     """Per-image ELBO and its two terms, each `(B,)`."""
 
     reconstruction: F64  # E_q[log p(x|z)], estimated with S samples
-    kl: F64  # KL(q(z|x) || p(z)), closed form
+    kl: F64  # KL(q(z|x) || p(z)): closed form for N(0, I), else estimated with the S samples
     elbo: F64  # reconstruction - kl
+
+
+class Mixture(NamedTuple):
+    """A mixture-of-Gaussians prior `p(z) = sum_k softmax(logits)_k N(z; means_k, exp(logvars_k))`
+    (a bundle's prior.npz, docs/BUNDLE.md); None in its place is the tutorial's N(0, I)."""
+
+    logits: F32  # (K,)
+    means: F32  # (K, D)
+    logvars: F32  # (K, D)
 
 
 def reparameterize(mu: F32, logvar: F32, eps: F32) -> F32:
@@ -86,6 +95,31 @@ def log_normal(z: F32, mu: F32 | float = 0.0, logvar: F32 | float = 0.0) -> F64:
     return log_p
 
 
+def log_prior(z: F32, prior: Mixture | None) -> F64:
+    """log p(z) summed over the last axis: N(0, I) when `prior` is None, else the mixture's
+    logsumexp over its components; `z (..., D)` -> `(...)`, in float64."""
+    if prior is None:
+        return log_normal(z)
+    z64 = np.asarray(z, dtype=np.float64)
+    means = prior.means.astype(np.float64)
+    logvars = prior.logvars.astype(np.float64)
+    precision = np.exp(-logvars)  # (K, D)
+    # sum_d (z - m)^2 / v expanded into matrix products: no (..., K, D) intermediate
+    quad = (
+        np.square(z64) @ precision.T
+        - 2.0 * z64 @ (means * precision).T
+        + np.sum(np.square(means) * precision, axis=-1)
+    )  # (..., K)
+    log_norm = -0.5 * (z.shape[-1] * LOG_2PI + np.sum(logvars, axis=-1))  # (K,)
+    logits = prior.logits.astype(np.float64)
+    log_weights = logits - np.max(logits)
+    log_weights -= np.log(np.sum(np.exp(log_weights)))
+    terms = log_weights + log_norm - 0.5 * quad
+    peak = np.max(terms, axis=-1, keepdims=True)
+    log_p: F64 = (peak + np.log(np.sum(np.exp(terms - peak), axis=-1, keepdims=True)))[..., 0]
+    return log_p
+
+
 def _decode_samples(decode: Decode, x: F32, z: F32, likelihood: Likelihood, sigma: float) -> F64:
     s, b, d = z.shape
     out = decode(z.reshape(s * b, d)).reshape(s, *x.shape)  # (S, B, C, H, W)
@@ -100,11 +134,19 @@ def elbo(
     eps: F32,
     likelihood: Likelihood,
     sigma: float = 1.0,
+    prior: Mixture | None = None,
 ) -> ElboTerms:
-    """ELBO = E_q[log p(x|z)] - KL(q(z|x) || p(z)) with S = eps.shape[0] samples; tutorial eq. 5."""
+    """ELBO = E_q[log p(x|z)] - KL(q(z|x) || p(z)) with S = eps.shape[0] samples; tutorial eq. 5.
+
+    The KL is the closed form (eq. 7) for p(z) = N(0, I); a mixture prior has none, so it is
+    estimated from the same S samples as the reconstruction: mean_s log q(z_s|x) - log p(z_s).
+    """
     z = reparameterize(mu, logvar, eps)  # (S, B, D)
     reconstruction = np.mean(_decode_samples(decode, x, z, likelihood, sigma), axis=0)
-    kl = kl_divergence(mu, logvar)
+    if prior is None:
+        kl = kl_divergence(mu, logvar)
+    else:
+        kl = np.mean(log_normal(z, mu, logvar) - log_prior(z, prior), axis=0)
     return ElboTerms(reconstruction, kl, reconstruction - kl)
 
 
@@ -116,10 +158,11 @@ def iwae(
     eps: F32,
     likelihood: Likelihood,
     sigma: float = 1.0,
+    prior: Mixture | None = None,
 ) -> F64:
     """log p(x) >= log mean_k p(x|z_k) p(z_k) / q(z_k|x), k = eps.shape[0]; Burda et al. eq. 8."""
     z = reparameterize(mu, logvar, eps)  # (k, B, D)
-    log_w = _decode_samples(decode, x, z, likelihood, sigma) + log_normal(z)
+    log_w = _decode_samples(decode, x, z, likelihood, sigma) + log_prior(z, prior)
     log_w -= log_normal(z, mu, logvar)  # (k, B)
     peak = np.max(log_w, axis=0)
     bound: F64 = peak + np.log(np.mean(np.exp(log_w - peak), axis=0))

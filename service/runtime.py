@@ -62,6 +62,25 @@ def draw_eps(seed: int, shape: tuple[int, ...]) -> F32:
     return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
 
 
+def draw_prior(
+    seed: int, n: int, d: int, prior: objective.Mixture | None, temperature: float
+) -> F32:
+    """`n` latent vectors from p(z), each component's spread scaled by `temperature`.
+
+    N(0, I): `temperature * eps`, with eps the `(n, d)` draw_eps of `seed`. A mixture: the same
+    eps, then a component per row from the same generator, `means_k + temperature * std_k * eps`.
+    """
+    rng = np.random.default_rng(seed)
+    eps = rng.standard_normal((n, d), dtype=np.float32)
+    if prior is None:
+        return eps * np.float32(temperature)
+    weights = np.exp(prior.logits.astype(np.float64) - np.max(prior.logits))
+    k = rng.choice(len(weights), size=n, p=weights / weights.sum())
+    std = np.exp(np.float32(0.5) * prior.logvars[k])
+    z: F32 = prior.means[k] + np.float32(temperature) * std * eps
+    return z
+
+
 def available_cpus(cgroup: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
     """Cores this process may use: its CPU affinity, capped by a cgroup v2 quota (containers)."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -230,12 +249,13 @@ class Runtime:
         out = out[: n * b]
         decode = _prefix_decoder(z, out)
         likelihood, sigma = self.manifest.likelihood, self.manifest.sigma or 1.0
+        prior = self.bundle.prior
 
         def elbo(draws: int) -> objective.ElboTerms:
-            return objective.elbo(decode, x, mu, logvar, eps[:draws], likelihood, sigma)
+            return objective.elbo(decode, x, mu, logvar, eps[:draws], likelihood, sigma, prior)
 
         def iwae(draws: int) -> F64:
-            return objective.iwae(decode, x, mu, logvar, eps[:draws], likelihood, sigma)
+            return objective.iwae(decode, x, mu, logvar, eps[:draws], likelihood, sigma, prior)
 
         def bounds() -> Evaluation:
             terms = elbo(samples)

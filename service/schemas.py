@@ -217,7 +217,7 @@ class ReconstructPublic(ImagesPublic):
 
 
 class SamplePublic(ImagesPublic):
-    """Images decoded from z ~ N(0, temperature^2 I)."""
+    """Images decoded from z drawn from the prior, its spread scaled by temperature."""
 
     seed: int
     temperature: float

@@ -35,7 +35,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         item.add_marker(lane)
 
 
-def _tiny_bundle(out: Path, likelihood: str) -> Path:
+def _tiny_bundle(out: Path, likelihood: str, prior_components: int = 0) -> Path:
     import torch
 
     from model.config import VAEConfig
@@ -50,6 +50,7 @@ def _tiny_bundle(out: Path, likelihood: str) -> Path:
         hidden_dims=(64,),
         likelihood=likelihood,  # type: ignore[arg-type]
         sigma=0.2,
+        prior_components=prior_components,
     )
     model = VAE(cfg)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -62,7 +63,7 @@ def _tiny_bundle(out: Path, likelihood: str) -> Path:
         mu, logvar = model.encode(x)
         eps = torch.randn(1, *mu.shape)
         loss = -elbo(
-            model.decode, x, mu, logvar, eps, likelihood, model.log_sigma.exp()
+            model.decode, x, mu, logvar, eps, likelihood, model.log_sigma.exp(), model.prior
         ).elbo.mean()
         opt.zero_grad()
         loss.backward()
@@ -90,6 +91,12 @@ def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_gaussian_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 1x28x28, latent-8, Gaussian (sigma 0.2) conv bundle."""
     return _tiny_bundle(tmp_path_factory.mktemp("bundles") / "tiny-gauss", "gaussian")
+
+
+@pytest.fixture(scope="session")
+def tiny_mixture_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Bernoulli bundle's network with a 3-component mixture prior (schema 2)."""
+    return _tiny_bundle(tmp_path_factory.mktemp("bundles") / "tiny-mixture", "bernoulli", 3)
 
 
 @pytest.fixture(scope="session")

@@ -17,8 +17,18 @@ model_objective = pytest.importorskip("model.objective")
 RTOL = 1e-4
 
 
-def _inputs(likelihood: str) -> dict[str, Any]:
-    """One set of numpy inputs for every function: B=2 images of 3x5x4, D=7, S=6 draws."""
+def _mixture(rng: np.random.Generator) -> objective.Mixture:
+    """A 5-component mixture prior in D=7, its components spread over the draws' range."""
+    return objective.Mixture(
+        logits=rng.standard_normal(5, dtype=np.float32),
+        means=rng.standard_normal((5, 7), dtype=np.float32),
+        logvars=rng.standard_normal((5, 7), dtype=np.float32) * 0.5,
+    )
+
+
+def _inputs(likelihood: str, prior: str = "standard") -> dict[str, Any]:
+    """One set of numpy inputs for every function: B=2 images of 3x5x4, D=7, S=6 draws; the prior
+    N(0, I) (None) or a mixture."""
     rng = np.random.default_rng(0)
     x = rng.random((2, 3, 5, 4), dtype=np.float32)
     mu = rng.standard_normal((2, 7), dtype=np.float32)
@@ -40,6 +50,7 @@ def _inputs(likelihood: str) -> dict[str, Any]:
         "decode": decode,
         "likelihood": likelihood,
         "sigma": 0.3 if likelihood == "gaussian" else 1.0,
+        "prior": _mixture(np.random.default_rng(1)) if prior == "mixture" else None,
     }
 
 
@@ -48,9 +59,10 @@ PAIRS = {
     "kl_divergence": ["mu", "logvar"],
     "reparameterize": ["mu", "logvar", "eps"],
     "log_normal": ["z", "mu", "logvar"],
+    "log_prior": ["z", "prior"],
     "log_likelihood": ["x", "out", "likelihood", "sigma"],
-    "elbo": ["decode", "x", "mu", "logvar", "eps", "likelihood", "sigma"],
-    "iwae": ["decode", "x", "mu", "logvar", "eps", "likelihood", "sigma"],
+    "elbo": ["decode", "x", "mu", "logvar", "eps", "likelihood", "sigma", "prior"],
+    "iwae": ["decode", "x", "mu", "logvar", "eps", "likelihood", "sigma", "prior"],
     "squared_error": ["x", "mean"],
     "blur": ["x"],
     "blurred_error": ["x", "mean"],
@@ -65,6 +77,8 @@ PAIRS = {
 
 
 def _to_torch(value: Any) -> Any:
+    if isinstance(value, objective.Mixture):
+        return model_objective.Mixture(*map(torch.from_numpy, value))
     if isinstance(value, np.ndarray):
         return torch.from_numpy(value)
     if callable(value):
@@ -85,10 +99,18 @@ def test_the_table_holds_every_shared_function() -> None:
     assert functions(objective) & functions(model_objective) == set(PAIRS)
 
 
+# the functions that take a prior, with each kind of prior; the rest with none
+CASES = [
+    (name, prior)
+    for name, args in PAIRS.items()
+    for prior in (("standard", "mixture") if "prior" in args else ("standard",))
+]
+
+
 @pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
-@pytest.mark.parametrize("name", list(PAIRS))
-def test_every_function_equals_its_torch_twin(name: str, likelihood: str) -> None:
-    inputs = _inputs(likelihood)
+@pytest.mark.parametrize(("name", "prior"), CASES)
+def test_every_function_equals_its_torch_twin(name: str, prior: str, likelihood: str) -> None:
+    inputs = _inputs(likelihood, prior)
     args = [inputs[arg] for arg in PAIRS[name]]
     got = getattr(objective, name)(*args)
     want = getattr(model_objective, name)(*map(_to_torch, args))

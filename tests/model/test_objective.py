@@ -10,12 +10,14 @@ import torch
 from torch import distributions as D
 
 from model.objective import (
+    Mixture,
     elbo,
     iwae,
     iwae_dreg,
     kl_divergence,
     log_likelihood,
     log_normal,
+    log_prior,
     reparameterize,
 )
 
@@ -214,3 +216,72 @@ def test_iwae_dreg_encoder_gradient_averages_to_the_iwae_one() -> None:
         plain = torch.autograd.grad(standard.sum() / draws, list(enc.parameters()))
     for g, e in zip(dreg, plain, strict=True):
         torch.testing.assert_close(g, e, atol=0.05 * float(e.abs().max()), rtol=0)
+
+
+def _mixture(components: int = 4, dim: int = 3) -> Mixture:
+    return Mixture(
+        logits=torch.randn(components),
+        means=torch.randn(components, dim) * 2,
+        logvars=torch.randn(components, dim) * 0.5,
+    )
+
+
+def _torch_mixture(prior: Mixture) -> D.Distribution:
+    components = D.Independent(D.Normal(prior.means, (0.5 * prior.logvars).exp()), 1)
+    return D.MixtureSameFamily(D.Categorical(logits=prior.logits), components)
+
+
+def test_log_prior_is_the_standard_normal_without_a_mixture() -> None:
+    z = torch.randn(6, 5, 3)
+    standard = D.Independent(D.Normal(torch.zeros(3), torch.ones(3)), 1)
+    torch.testing.assert_close(log_prior(z, None), standard.log_prob(z))
+
+
+def test_log_prior_of_a_mixture_matches_torch_distributions() -> None:
+    prior = _mixture()
+    z = torch.randn(6, 5, 3) * 3  # (S, B, D), some far from every component
+    torch.testing.assert_close(log_prior(z, prior), _torch_mixture(prior).log_prob(z))
+
+
+def test_a_one_component_mixture_at_the_origin_is_the_standard_normal() -> None:
+    prior = Mixture(torch.zeros(1), torch.zeros(1, 3), torch.zeros(1, 3))
+    z = torch.randn(4, 3)
+    torch.testing.assert_close(log_prior(z, prior), log_prior(z, None))
+
+
+def test_elbo_with_a_mixture_prior_samples_the_kl() -> None:
+    dec, x = _linear_decoder()
+    prior = _mixture()
+    mu, logvar, eps = torch.randn(5, 3), torch.randn(5, 3), torch.randn(4, 5, 3)
+    t = elbo(dec, x, mu, logvar, eps, "bernoulli", prior=prior)
+    z = mu + (0.5 * logvar).exp() * eps
+    kl = (_q(mu, logvar).log_prob(z) - _torch_mixture(prior).log_prob(z)).mean(0)
+    torch.testing.assert_close(t.kl, kl)
+    torch.testing.assert_close(t.elbo, t.reconstruction - kl)
+
+
+def test_the_sampled_kl_averages_to_the_true_kl() -> None:
+    """Against the closed form where there is one (a one-component mixture, any mean and
+    variance: KL between two Gaussians), over many draws."""
+    dec, x = _linear_decoder()
+    prior = Mixture(torch.zeros(1), torch.tensor([[0.5, -1.0, 0.2]]), torch.tensor([[0.3] * 3]))
+    mu, logvar = torch.randn(5, 3), torch.randn(5, 3) * 0.3
+    kl = elbo(dec, x, mu, logvar, torch.randn(100_000, 5, 3), "bernoulli", prior=prior).kl
+    p = D.Independent(D.Normal(prior.means[0], (0.5 * prior.logvars[0]).exp()), 1)
+    torch.testing.assert_close(kl, D.kl_divergence(_q(mu, logvar), p), atol=0.02, rtol=0)
+
+
+def test_iwae_with_a_mixture_prior_by_hand() -> None:
+    dec, x = _linear_decoder()
+    prior = _mixture()
+    mu, logvar, eps = torch.randn(5, 3), torch.randn(5, 3), torch.randn(7, 5, 3)
+    z = mu + (0.5 * logvar).exp() * eps
+    log_w = (
+        D.Independent(D.Bernoulli(logits=dec(z.reshape(35, 3)).view(7, 5, 1, 4, 4)), 3).log_prob(x)
+        + _torch_mixture(prior).log_prob(z)
+        - _q(mu, logvar).log_prob(z)
+    )
+    expected = torch.logsumexp(log_w, 0) - math.log(7)
+    torch.testing.assert_close(iwae(dec, x, mu, logvar, eps, "bernoulli", prior=prior), expected)
+    _, bound = iwae_dreg(dec, x, mu, logvar, eps, "bernoulli", prior=prior)
+    torch.testing.assert_close(bound, expected)
