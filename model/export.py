@@ -109,8 +109,8 @@ def bundle_checkpoint(bundle: Path) -> dict[str, Any]:
         verify_file(bundle / name, manifest.files[name])  # size and SHA-256, as the server does
     if manifest.prior is not None:
         prior = read_prior(bundle / PRIOR_FILE, manifest.prior, manifest.latent_dim)
-        for key, array in zip(("prior_logits", "prior_means", "prior_logvars"), prior, strict=True):
-            found[key] = torch.from_numpy(array.copy())
+        for name in ("logits", "means", "logvars"):
+            found[f"prior_{name}"] = torch.from_numpy(getattr(prior, name).copy())
     for name in (ENCODER_FILE, DECODER_FILE):
         graph = onnx.load(str(bundle / name)).graph
         for init in graph.initializer:

@@ -71,6 +71,8 @@ def fit_prior(
     means = mu[start].clone().requires_grad_(True)
     logvars = logvar[start].clone().requires_grad_(True)
     opt = torch.optim.Adam([logits, means, logvars], lr=fit.lr)
+    # cosine decay to 1 % of lr: the mixture settles at the end instead of moving with the noise
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, fit.steps, eta_min=fit.lr / 100)
     bar = tqdm(range(fit.steps), desc="fitting the prior", disable=not progress, mininterval=2.0)
     for step in bar:
         rows = torch.randint(0, n, (fit.batch_size,), generator=g)
@@ -80,6 +82,7 @@ def fit_prior(
         opt.zero_grad(set_to_none=True)
         loss.backward()  # type: ignore[no-untyped-call]
         opt.step()
+        schedule.step()
         if step % 100 == 0:
             bar.set_postfix(cross_entropy=f"{float(loss.detach()):.2f}")
     cfg = VAEConfig.from_dict({**model.cfg.to_dict(), "prior_components": fit.components})

@@ -56,7 +56,7 @@ class Encoding:
 
 @dataclass(frozen=True)
 class Samples:
-    """Images decoded from z ~ N(0, temperature^2 I)."""
+    """Images decoded from z drawn from the bundle's prior, its spread scaled by temperature."""
 
     images: NDArray[np.float32]  # (n, C, H, W) in [0, 1]
     z: NDArray[np.float32]  # (n, latent_dim)

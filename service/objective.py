@@ -11,6 +11,7 @@ tests/service/test_objective.py holds every pair to the same numbers.
 import functools
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
 import numpy as np
@@ -38,13 +39,34 @@ class ElboTerms(NamedTuple):
     elbo: F64  # reconstruction - kl
 
 
-class Mixture(NamedTuple):
+@dataclass(frozen=True, eq=False)
+class Mixture:
     """A mixture-of-Gaussians prior `p(z) = sum_k softmax(logits)_k N(z; means_k, exp(logvars_k))`
     (a bundle's prior.npz, docs/BUNDLE.md); None in its place is the tutorial's N(0, I)."""
 
     logits: F32  # (K,)
     means: F32  # (K, D)
     logvars: F32  # (K, D)
+
+    @functools.cached_property
+    def expanded(self) -> tuple[F64, F64, F64]:
+        """What log_prior needs of the mixture, computed once per loaded bundle (per call it cost
+        /elbo a third of its throughput at K = 2,000): `precision.T (D, K)`, `(means *
+        precision).T (D, K)` and each component's `log weight + log normaliser - 0.5 * sum(means^2
+        * precision)` `(K,)`, in float64."""
+        means = self.means.astype(np.float64)
+        logvars = self.logvars.astype(np.float64)
+        precision = np.exp(-logvars)  # (K, D)
+        logits = self.logits.astype(np.float64)
+        log_weights = logits - np.max(logits)
+        log_weights -= np.log(np.sum(np.exp(log_weights)))
+        log_norm = -0.5 * (means.shape[-1] * LOG_2PI + np.sum(logvars, axis=-1))
+        constant = log_weights + log_norm - 0.5 * np.sum(np.square(means) * precision, axis=-1)
+        return (
+            np.ascontiguousarray(precision.T),
+            np.ascontiguousarray((means * precision).T),
+            constant,
+        )
 
 
 def reparameterize(mu: F32, logvar: F32, eps: F32) -> F32:
@@ -101,20 +123,10 @@ def log_prior(z: F32, prior: Mixture | None) -> F64:
     if prior is None:
         return log_normal(z)
     z64 = np.asarray(z, dtype=np.float64)
-    means = prior.means.astype(np.float64)
-    logvars = prior.logvars.astype(np.float64)
-    precision = np.exp(-logvars)  # (K, D)
-    # sum_d (z - m)^2 / v expanded into matrix products: no (..., K, D) intermediate
-    quad = (
-        np.square(z64) @ precision.T
-        - 2.0 * z64 @ (means * precision).T
-        + np.sum(np.square(means) * precision, axis=-1)
-    )  # (..., K)
-    log_norm = -0.5 * (z.shape[-1] * LOG_2PI + np.sum(logvars, axis=-1))  # (K,)
-    logits = prior.logits.astype(np.float64)
-    log_weights = logits - np.max(logits)
-    log_weights -= np.log(np.sum(np.exp(log_weights)))
-    terms = log_weights + log_norm - 0.5 * quad
+    precision_t, scaled_means_t, constant = prior.expanded
+    # log w_k + log N(z; m_k, v_k), with sum_d (z - m)^2 / v expanded into matrix products: no
+    # (..., K, D) intermediate
+    terms = constant + z64 @ scaled_means_t - 0.5 * (np.square(z64) @ precision_t)  # (..., K)
     peak = np.max(terms, axis=-1, keepdims=True)
     log_p: F64 = (peak + np.log(np.sum(np.exp(terms - peak), axis=-1, keepdims=True)))[..., 0]
     return log_p

@@ -78,7 +78,8 @@ PAIRS = {
 
 def _to_torch(value: Any) -> Any:
     if isinstance(value, objective.Mixture):
-        return model_objective.Mixture(*map(torch.from_numpy, value))
+        arrays = (value.logits, value.means, value.logvars)
+        return model_objective.Mixture(*map(torch.from_numpy, arrays))
     if isinstance(value, np.ndarray):
         return torch.from_numpy(value)
     if callable(value):

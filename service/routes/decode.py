@@ -14,8 +14,9 @@ from service.schemas import DecodeRequest, ImagesPublic
 
 router = APIRouter(tags=["images"], route_class=ModelRoute)
 
-# |z| bound: 10^4 standard deviations of the prior N(0, I), far past any meaningful latent, and
-# well inside what the decoder computes without overflowing float32
+# |z| bound: 10^4 standard deviations of N(0, I) (a mixture prior's components lie within a few),
+# far past any meaningful latent, and well inside what the decoder computes without overflowing
+# float32
 Z_MAX = 1e4
 
 
@@ -32,7 +33,7 @@ async def read_z(request: Request, served: Served) -> F32:
     with np.errstate(over="ignore"):
         z = np.asarray(body.z, dtype=np.float32)
     if not np.abs(z).max() <= Z_MAX:  # also NaN after a float32 overflow
-        raise invalid(("body", "z"), f"z has values beyond +-{Z_MAX:g}; the prior is N(0, I)")
+        raise invalid(("body", "z"), f"z has values beyond +-{Z_MAX:g}, far outside the prior")
     served.runtime.metrics.images.labels("/decode").observe(len(z))
     return z
 

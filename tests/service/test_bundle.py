@@ -77,7 +77,8 @@ def test_broken_files_name_the_file(
 @pytest.mark.parametrize(
     "changes, message",
     [
-        ({"schema_version": 2}, "schema_version 2 is not supported"),
+        ({"schema_version": 3}, "schema_version 3 is not supported"),
+        ({"schema_version": "1"}, "schema_version .1. is not supported"),
         ({"latent_dim": None}, "latent_dim: Field required"),
         ({"likelihood": "poisson"}, "likelihood"),
         ({"likelihood": "gaussian", "decoder_output": "mean"}, "sigma must be a positive number"),

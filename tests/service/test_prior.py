@@ -194,3 +194,10 @@ def test_schema_and_prior_must_agree(tiny_mixture_bundle: Path, tmp_path: Path) 
     (unlisted / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(BundleError, match=r"files has no entry for prior\.npz"):
         load_bundle(unlisted)
+
+
+def test_model_shows_the_prior(mixture_client: TestClient, client: TestClient) -> None:
+    body = mixture_client.get("/model").json()
+    assert body["schema_version"] == 2
+    assert body["prior"] == {"kind": "mixture", "components": 3, "file": "prior.npz"}
+    assert client.get("/model").json()["prior"] is None  # N(0, I)
