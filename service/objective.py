@@ -122,13 +122,31 @@ def log_prior(z: F32, prior: Mixture | None) -> F64:
     logsumexp over its components; `z (..., D)` -> `(...)`, in float64."""
     if prior is None:
         return log_normal(z)
-    z64 = np.asarray(z, dtype=np.float64)
+    flat = np.asarray(z, dtype=np.float64).reshape(-1, z.shape[-1])
+    chunks = [
+        _log_mixture(flat[i : i + PRIOR_ROWS], prior) for i in range(0, len(flat), PRIOR_ROWS)
+    ]
+    log_p: F64 = np.concatenate(chunks).reshape(z.shape[:-1])
+    return log_p
+
+
+# Rows of z whose mixture log-density is computed at once: bounds the (rows, K) float64 arrays
+# (64 MiB each at K = 2,000).
+PRIOR_ROWS = 4096
+
+
+def _log_mixture(z: F64, prior: Mixture) -> F64:
+    """`log_prior` of a mixture for `z (N, D)` -> `(N,)`."""
+    # (N, 1, D): one vector-matrix product per row, so that a row's value never depends on the
+    # rows beside it (BLAS picks its kernel, and its order of summation, by the matrices'
+    # shapes): batching must not change a result
+    rows = z[:, None, :]
     precision_t, scaled_means_t, constant = prior.expanded
     # log w_k + log N(z; m_k, v_k), with sum_d (z - m)^2 / v expanded into matrix products: no
-    # (..., K, D) intermediate
-    terms = constant + z64 @ scaled_means_t - 0.5 * (np.square(z64) @ precision_t)  # (..., K)
+    # (N, K, D) intermediate
+    terms = constant + (rows @ scaled_means_t)[:, 0] - 0.5 * (np.square(rows) @ precision_t)[:, 0]
     peak = np.max(terms, axis=-1, keepdims=True)
-    log_p: F64 = (peak + np.log(np.sum(np.exp(terms - peak), axis=-1, keepdims=True)))[..., 0]
+    log_p: F64 = (peak + np.log(np.sum(np.exp(terms - peak), axis=-1, keepdims=True)))[:, 0]
     return log_p
 
 

@@ -17,6 +17,7 @@ from fastapi.testclient import TestClient
 from scipy.special import log_softmax, logsumexp
 from scipy.stats import multivariate_normal, norm
 
+from service import objective
 from service.bundle import BundleError, load_bundle
 from service.main import create_app
 from service.settings import Settings
@@ -201,3 +202,18 @@ def test_model_shows_the_prior(mixture_client: TestClient, client: TestClient) -
     assert body["schema_version"] == 2
     assert body["prior"] == {"kind": "mixture", "components": 3, "file": "prior.npz"}
     assert client.get("/model").json()["prior"] is None  # N(0, I)
+
+
+def test_a_rows_log_prior_does_not_depend_on_the_rows_beside_it(
+    tiny_mixture_bundle: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Batching never changes a result: each row alone, in any batch and across the chunks the
+    computation is split into, gives the very same float64 value."""
+    prior = load_bundle(tiny_mixture_bundle).prior
+    z = np.random.default_rng(4).standard_normal((3, 50, 8), dtype=np.float32)
+    together = objective.log_prior(z, prior)
+    alone = np.array([[objective.log_prior(row[None], prior)[0] for row in rows] for rows in z])
+    np.testing.assert_array_equal(together, alone)
+    monkeypatch.setattr(objective, "PRIOR_ROWS", 7)
+    np.testing.assert_array_equal(objective.log_prior(z, prior), together)
+    np.testing.assert_allclose(together.ravel(), _log_prior(z.reshape(-1, 8), prior), rtol=1e-6)
