@@ -390,7 +390,7 @@ def test_a_run_folder_is_never_overwritten_silently(
     assert [h["epoch"] for h in json.loads((copy / "history.json").read_text())] == [1]
 
 
-@pytest.mark.parametrize("command", ["train", "export", "evaluate"])
+@pytest.mark.parametrize("command", ["train", "export", "evaluate", "fit-prior"])
 def test_help_shows_every_default_once(command: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("COLUMNS", "500")  # one line per flag
     parser, _ = build_parser()
