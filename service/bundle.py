@@ -224,7 +224,7 @@ def read_manifest(path: Path) -> Manifest:
     if path.is_file():
         raise BundleError(
             f"{path} is a file; a bundle is a directory holding manifest.json, encoder.onnx and "
-            "decoder.onnx (vae export writes one)"
+            "decoder.onnx, and prior.npz for a mixture prior (vae export writes one)"
         )
     if not path.is_dir():
         raise BundleError(f"bundle directory {path} does not exist")
