@@ -68,6 +68,19 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed")
 
 
+def _threads_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--threads", type=int_in_range(0), default=0, help="torch threads; 0 = torch's default"
+    )
+
+
+def _checkpoint_argument(p: argparse.ArgumentParser) -> None:
+    """The positional checkpoint of the commands that also take a bundle folder."""
+    p.add_argument(
+        "checkpoint", type=Path, help="a checkpoint written by vae train, or a bundle folder"
+    )
+
+
 def _train_parser(sub: Any) -> argparse.ArgumentParser:
     p: argparse.ArgumentParser = sub.add_parser(
         "train", help="train a VAE", formatter_class=HelpFormatter
@@ -169,9 +182,7 @@ def _train_parser(sub: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("--patience", type=int_in_range(0), default=0, help="early stopping; 0 = off")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument(
-        "--threads", type=int_in_range(0), default=0, help="torch threads; 0 = torch's default"
-    )
+    _threads_option(p)
     p.add_argument("--resume", help="checkpoint to resume from (same run, same schedule)")
     p.add_argument(
         "--init-from",
@@ -242,9 +253,7 @@ def _evaluate_parser(sub: Any) -> None:
         help="test ELBO and IWAE log-likelihood",
         formatter_class=HelpFormatter,
     )
-    p.add_argument(
-        "checkpoint", type=Path, help="a checkpoint written by vae train, or a bundle folder"
-    )
+    _checkpoint_argument(p)
     p.add_argument("--data", help="test data (default: the training data's test split)")
     p.add_argument("--k", type=int_in_range(1), default=1000, help="IWAE samples per image")
     p.add_argument(
@@ -260,9 +269,7 @@ def _evaluate_parser(sub: Any) -> None:
         help="binarise the test images; auto: as the model was trained",
     )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument(
-        "--threads", type=int_in_range(0), default=0, help="torch threads; 0 = torch's default"
-    )
+    _threads_option(p)
     p.add_argument("--out", type=Path, help="write the metrics as JSON here")
     _common(p)
 
@@ -273,9 +280,7 @@ def _fit_prior_parser(sub: Any) -> None:
         help="fit a mixture-of-Gaussians prior P(z) to a trained model (networks unchanged)",
         formatter_class=HelpFormatter,
     )
-    p.add_argument(
-        "checkpoint", type=Path, help="a checkpoint written by vae train, or a bundle folder"
-    )
+    _checkpoint_argument(p)
     p.add_argument("--out", type=Path, required=True, help="the checkpoint to write (for export)")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.add_argument("--data", help="the training data (default: the checkpoint's)")
@@ -295,9 +300,7 @@ def _fit_prior_parser(sub: Any) -> None:
         "20000)",
     )
     p.add_argument("--lr", type=_finite, default=fit.lr, help="Adam learning rate")
-    p.add_argument(
-        "--threads", type=int_in_range(0), default=0, help="torch threads; 0 = torch's default"
-    )
+    _threads_option(p)
     _common(p)
 
 

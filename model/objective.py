@@ -59,7 +59,8 @@ def log_prior(z: torch.Tensor, prior: Mixture | None) -> torch.Tensor:
     """log P(z) summed over the last axis: N(0, I) when `prior` is None, else the mixture's
     logsumexp over components; `z (..., D)` -> `(...)`."""
     if prior is None:
-        return -0.5 * (LOG_2PI + z.pow(2)).sum(dim=-1)
+        zeros = z.new_zeros(z.shape[-1])
+        return log_normal(z, zeros, zeros)
     # sum_d (z - m)^2 / v expanded into matrix products: no (..., K, D) intermediate
     precision = (-prior.logvars).exp()  # (K, D)
     quad = (

@@ -12,7 +12,6 @@ bound with each prior); BENCHMARKS.md section 1 has the figures.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import torch
@@ -22,8 +21,6 @@ from model import data as data_mod
 from model.config import VAEConfig
 from model.networks import VAE
 from model.objective import Mixture, log_prior, reparameterize
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -88,7 +85,8 @@ def fit_prior(
     cfg = VAEConfig.from_dict({**model.cfg.to_dict(), "prior_components": fit.components})
     fitted = VAE(cfg)
     state = {k: v for k, v in model.state_dict().items() if not k.startswith("prior_")}
-    state.update(prior_logits=logits.detach(), prior_means=means.detach())
-    state["prior_logvars"] = logvars.detach()
+    state.update(
+        prior_logits=logits.detach(), prior_means=means.detach(), prior_logvars=logvars.detach()
+    )
     fitted.load_state_dict(state)
     return fitted.eval()

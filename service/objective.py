@@ -117,6 +117,11 @@ def log_normal(z: F32, mu: F32 | float = 0.0, logvar: F32 | float = 0.0) -> F64:
     return log_p
 
 
+# Rows of z whose mixture log-density is computed at once: bounds the (rows, K) float64 arrays
+# (64 MiB each at K = 2,000).
+PRIOR_ROWS = 4096
+
+
 def log_prior(z: F32, prior: Mixture | None) -> F64:
     """log p(z) summed over the last axis: N(0, I) when `prior` is None, else the mixture's
     logsumexp over its components; `z (..., D)` -> `(...)`, in float64."""
@@ -128,11 +133,6 @@ def log_prior(z: F32, prior: Mixture | None) -> F64:
     ]
     log_p: F64 = np.concatenate(chunks).reshape(z.shape[:-1])
     return log_p
-
-
-# Rows of z whose mixture log-density is computed at once: bounds the (rows, K) float64 arrays
-# (64 MiB each at K = 2,000).
-PRIOR_ROWS = 4096
 
 
 def _log_mixture(z: F64, prior: Mixture) -> F64:
