@@ -398,6 +398,10 @@ FIT_CHECK_K = 50
 
 
 def cmd_fit_prior(args: argparse.Namespace) -> int:
+    # everything about the flags is checked before minutes of fitting
+    fit = PriorFit(components=args.components, steps=args.steps, lr=args.lr, seed=args.seed)
+    if args.out.is_dir():
+        raise ValueError(f"--out {args.out} is a directory; name the checkpoint file to write")
     if args.out.exists() and not args.force:
         raise FileExistsError(f"--out {args.out} exists; pass --force to replace it")
     if args.threads > 0:
@@ -406,7 +410,6 @@ def cmd_fit_prior(args: argparse.Namespace) -> int:
     source = _data_source(ckpt, args.data)
     train_ds, val = _splits(ckpt, model.cfg, source)
     binarize = ckpt["train"]["binarize"] == "dynamic"
-    fit = PriorFit(components=args.components, steps=args.steps, lr=args.lr, seed=args.seed)
     t0 = time.time()
     fitted = fit_prior(model, train_ds.images, fit, binarize)
     seconds = time.time() - t0

@@ -34,6 +34,14 @@ class PriorFit:
     draws: int = 2  # z ~ Q(z|x) per image and step
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        if self.components < 1 or self.steps < 1:
+            raise ValueError(
+                f"--components and --steps must be positive, got {self.components}, {self.steps}"
+            )
+        if not self.lr > 0:
+            raise ValueError(f"--lr must be positive, got {self.lr}")
+
 
 @torch.no_grad()
 def posteriors(

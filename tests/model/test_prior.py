@@ -88,3 +88,30 @@ def test_export_and_read_back(
         assert main(["evaluate", str(path), "--k", "5", "--images", "50", "--threads", "1"]) == 0
         results.append(json.loads(capsys.readouterr().out))
     assert results[0] == results[1]
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--lr", "0"], "--lr must be positive, got 0.0"),
+        (["--lr=-0.01"], "--lr must be positive, got -0.01"),
+        (["--components", "5000"], "--components 5000 is more than the"),
+        (["--out", "{tmp}", "--force"], "is a directory; name the checkpoint file to write"),
+        (["--out", "{tmp}/taken.pt"], "exists; pass --force to replace it"),
+    ],
+)
+def test_bad_input_exits_2_naming_the_flag(
+    fitted: tuple[Path, Path],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    flags: list[str],
+    message: str,
+) -> None:
+    source, _ = fitted
+    (tmp_path / "taken.pt").write_bytes(b"mine")
+    args = ["fit-prior", str(source), "--out", str(tmp_path / "new.pt"), "--steps", "5"]
+    with caplog.at_level(logging.ERROR):
+        assert main([*args, *(f.format(tmp=tmp_path) for f in flags)]) == 2
+    assert message in caplog.text
+    assert not (tmp_path / "new.pt").exists()
+    assert (tmp_path / "taken.pt").read_bytes() == b"mine"
