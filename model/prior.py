@@ -63,13 +63,13 @@ def fit_prior(
 ) -> VAE:
     """A copy of `model` whose P(z) is a mixture of `fit.components` Gaussians fitted to the
     aggregate posterior of `images` (the training split); the networks are unchanged."""
-    model = model.cpu().eval()
-    mu, logvar = posteriors(model, images, binarize, fit.seed)
-    n, d = mu.shape
-    if fit.components > n:
+    n = len(images)
+    if fit.components > n:  # checked before encoding them all
         raise ValueError(
             f"--components {fit.components} is more than the {n} training images it starts from"
         )
+    model = model.cpu().eval()
+    mu, logvar = posteriors(model, images, binarize, fit.seed)
     g = torch.Generator().manual_seed(fit.seed + 1)
     start = torch.randperm(n, generator=g)[: fit.components]
     logits = torch.zeros(fit.components, requires_grad=True)
@@ -81,7 +81,7 @@ def fit_prior(
     bar = tqdm(range(fit.steps), desc="fitting the prior", disable=not progress, mininterval=2.0)
     for step in bar:
         rows = torch.randint(0, n, (fit.batch_size,), generator=g)
-        eps = torch.randn((fit.draws, fit.batch_size, d), generator=g)
+        eps = torch.randn((fit.draws, fit.batch_size, mu.shape[1]), generator=g)
         z = reparameterize(mu[rows], logvar[rows], eps)
         loss = -log_prior(z, Mixture(logits, means, logvars)).mean()
         opt.zero_grad(set_to_none=True)
